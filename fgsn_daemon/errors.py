@@ -1,0 +1,21 @@
+"""Exceptions with messages meant for the user (the CLI prints them as they are)."""
+
+
+class FGSNError(Exception):
+    """Base class: anything the user can fix by changing inputs or configuration."""
+
+
+class CheckpointError(FGSNError):
+    """A model folder is missing, unreadable, unsafe (pickle) or malformed."""
+
+
+class IncompatibleCheckpointsError(CheckpointError):
+    """Base, aligned and fine-tuned checkpoints do not share architecture or shapes."""
+
+
+class PromptFileError(FGSNError):
+    """A prompt JSONL file is missing, empty, oversized or malformed."""
+
+
+class ConfigError(FGSNError):
+    """Bad parameters (band, percentages, operator names, ...)."""
