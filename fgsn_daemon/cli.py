@@ -1,0 +1,121 @@
+"""The ``fgsn`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fgsn_daemon.errors import FGSNError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained safety neuron projection.")
+LOG = logging.getLogger("fgsn")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def parse_band(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, end = (int(x) for x in text.replace("-", ":").split(":"))
+    except ValueError:
+        raise FGSNError(f"--band must look like START:END (inclusive layer indices), got {text!r}") from None
+    return start, end
+
+
+@app.command()
+def apply(
+    base: Annotated[Path, typer.Option(help="unaligned base model folder")],
+    aligned: Annotated[Path, typer.Option(help="safety-aligned model folder")],
+    finetuned: Annotated[Path, typer.Option(help="fine-tuned model folder, or a PEFT LoRA adapter folder")],
+    harmful: Annotated[Path, typer.Option(help="harmful prompts (JSONL, one {'prompt': ...} per line)")],
+    benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
+    out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    scoring: Annotated[str, typer.Option(help="neuron score: wanda | contrast")] = "wanda",
+    positions: Annotated[str, typer.Option(help="token positions for statistics: all | last")] = "all",
+    operator: Annotated[str, typer.Option(help="safe_lora | projector | per_neuron | restore")] = "safe_lora",
+    q: Annotated[float, typer.Option(help="top-q %% by harmful score")] = 5.0,
+    p: Annotated[float, typer.Option(help="minus top-p %% by benign score")] = 5.0,
+    spaces: Annotated[str, typer.Option(help="comma-separated neuron spaces: mlp, attn")] = "mlp",
+    band: Annotated[str | None, typer.Option(help="override the safety band, e.g. 10:15")] = None,
+    score_model: Annotated[
+        str, typer.Option(help="whose activations to score: aligned | finetuned")
+    ] = "aligned",
+    rank: Annotated[int, typer.Option(help="subspace rank for the projector operator")] = 8,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_length: Annotated[int, typer.Option()] = 256,
+    max_shard_mb: Annotated[int, typer.Option(help="output shard size limit in MiB")] = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full result record as JSON")] = False,
+) -> None:
+    """Find one dimension's safety neurons, project them, and write a loadable checkpoint."""
+    from fgsn_daemon.engine import FGSNParams, apply_dimension
+    from fgsn_daemon.prompts import load_prompts
+
+    try:
+        params = FGSNParams(
+            scoring=scoring,
+            positions=positions,
+            operator=operator,
+            q=q,
+            p=p,
+            spaces=tuple(s.strip() for s in spaces.split(",") if s.strip()),
+            score_model=score_model,
+            rank=rank,
+            band=parse_band(band),
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        params.validate()
+        harmful_prompts = load_prompts(harmful)
+        benign_prompts = load_prompts(benign)
+        result = apply_dimension(
+            base,
+            aligned,
+            finetuned,
+            harmful_prompts,
+            benign_prompts,
+            out,
+            params=params,
+            device=device,
+            max_shard_bytes=max_shard_mb * 1024 * 1024,
+            progress=None if as_json else lambda msg: typer.echo(f"... {msg}", err=True),
+        )
+    except FGSNError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    m = result.modification
+    typer.echo(f"band: layers {result.band.start}-{result.band.end} ({result.band.source})")
+    for c in result.layer_counts:
+        typer.echo(
+            f"  layer {c.layer:>3} {c.space:<4} candidates {c.candidates:>5} skipped {c.skipped:>5} "
+            f"selected {c.selected:>5} of {c.total}"
+        )
+    typer.echo(
+        f"selected {len(result.selected)} neurons; modified {m.modified_parameters} of {m.total_parameters} "
+        f"parameters ({100 * m.ratio:.3f}% of {m.denominator}; {100 * m.band_ratio:.2f}% of the band)"
+    )
+    typer.echo(f"wrote {result.output}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        app()
+    except FGSNError as exc:  # errors raised outside a command body
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
