@@ -49,18 +49,19 @@ class NeuronStats:
         """acts [B, T, N], mask [B, T] (1 = real token), last_index [B]."""
         a = acts.to(torch.float64)
         m = mask.to(a.dtype).unsqueeze(-1)
-        self.sum += (a * m).sum(dim=(0, 1)).cpu()
-        self.sumsq += (a * a * m).sum(dim=(0, 1)).cpu()
-        self.sumabs += (a.abs() * m).sum(dim=(0, 1)).cpu()
+        self.sum = self.sum + (a * m).sum(dim=(0, 1)).cpu()
+        self.sumsq = self.sumsq + (a * a * m).sum(dim=(0, 1)).cpu()
+        self.sumabs = self.sumabs + (a.abs() * m).sum(dim=(0, 1)).cpu()
         self.count += int(mask.sum())
         last = a[torch.arange(a.shape[0], device=a.device), last_index]
-        self.last_sum += last.sum(0).cpu()
-        self.last_sumsq += (last * last).sum(0).cpu()
+        self.last_sum = self.last_sum + last.sum(0).cpu()
+        self.last_sumsq = self.last_sumsq + (last * last).sum(0).cpu()
         self.last_count += a.shape[0]
 
     def merge(self, other: NeuronStats) -> None:
         for name in ("sum", "sumsq", "sumabs", "last_sum", "last_sumsq"):
-            getattr(self, name).add_(getattr(other, name))
+            # out of place: tensors made under inference_mode refuse in-place updates outside it
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.count += other.count
         self.last_count += other.last_count
 

@@ -15,6 +15,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained
 LOG = logging.getLogger("fgsn")
 
 
+@app.callback()
+def _root() -> None:
+    """fgsn: find, project and track fine-grained safety neurons."""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)

@@ -50,7 +50,9 @@ class ArchitectureSpec(BaseModel):
             return self.neuron_spaces[name]
         except KeyError:
             known = ", ".join(sorted(self.neuron_spaces))
-            raise CheckpointError(f"neuron space {name!r} is not defined for {self.family} (known: {known})")
+            raise CheckpointError(
+                f"neuron space {name!r} is not defined for {self.family} (known: {known})"
+            ) from None
 
 
 @cache

@@ -1,0 +1,93 @@
+"""The ``fgsn apply`` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import BENIGN, HARMFUL, make_trio, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    trio = make_trio(root, "qwen2")
+    return trio, write_jsonl(root / "harmful.jsonl", HARMFUL), write_jsonl(root / "benign.jsonl", BENIGN)
+
+
+def fgsn(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fgsn_daemon.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def common(trio, harmful: Path, benign: Path, out: Path) -> list[str]:
+    return [
+        "apply",
+        "--base",
+        str(trio["base"]),
+        "--aligned",
+        str(trio["aligned"]),
+        "--finetuned",
+        str(trio["finetuned"]),
+        "--harmful",
+        str(harmful),
+        "--benign",
+        str(benign),
+        "--out",
+        str(out),
+        "--q",
+        "20",
+        "--p",
+        "10",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_apply_json(setup, tmp_path):
+    trio, harmful, benign = setup
+    proc = fgsn(*common(trio, harmful, benign, tmp_path / "out"), "--json", "--spaces", "mlp,attn")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    for key in ("curve", "band", "layer_counts", "selected", "skipped", "modification", "candidates"):
+        assert key in record
+    assert record["selected"] and {n["space"] for n in record["selected"]} <= {"mlp", "attn"}
+    assert record["modification"]["denominator"]
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_apply_human_output_and_band_override(setup, tmp_path):
+    trio, harmful, benign = setup
+    proc = fgsn(*common(trio, harmful, benign, tmp_path / "out"), "--band", "1:2", "--operator", "restore")
+    assert proc.returncode == 0, proc.stderr
+    assert "band: layers 1-2 (override)" in proc.stdout
+    assert "of all parameters stored in the fine-tuned checkpoint" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad_file", "message"),
+    [
+        ((), b"", "no prompts"),
+        ((), b"{oops\n", "not valid JSON"),
+        (("--operator", "magic"), None, "unknown projection operator"),
+        (("--band", "x"), None, "--band must look like START:END"),
+        (("--q", "0"), None, "q must be in"),
+    ],
+)
+def test_errors_are_clear_and_write_nothing(setup, tmp_path, extra, bad_file, message):
+    trio, harmful, benign = setup
+    if bad_file is not None:
+        harmful = tmp_path / "bad.jsonl"
+        harmful.write_bytes(bad_file)
+    out = tmp_path / "out"
+    proc = fgsn(*common(trio, harmful, benign, out), *extra)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
