@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -331,15 +332,21 @@ def write_checkpoint(
     aux_dirs: Sequence[Path],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    reuse_from: Path | None = None,
 ) -> dict[str, Any]:
     """Write ``source`` to ``out_dir`` with ``edited`` tensors replaced (computed lazily, one at a
-    time). Untouched tensors are copied byte for byte. Returns the index written."""
+    time). Untouched tensors are copied byte for byte; shards outside the edit group that an
+    earlier version (``reuse_from``, same layout) already holds are hard-linked instead.
+    Returns the index written."""
     out_dir.mkdir(parents=True, exist_ok=False)
     infos = {name: source.info(name) for name in source.names()}
     plan = plan_shards(infos, edit_group, max_shard_bytes)
     n = len(plan.shards)
     weight_map: dict[str, str] = {}
     total = 0
+    previous_map: dict[str, str] = {}
+    if reuse_from is not None and (reuse_from / INDEX_NAME).exists():
+        previous_map = _read_json(reuse_from / INDEX_NAME, "safetensors index").get("weight_map", {})
 
     def producer(name: str) -> Callable[[BinaryIO], None]:
         if name in edited:
@@ -356,9 +363,15 @@ def write_checkpoint(
 
     for i, names in enumerate(plan.shards):
         fname = shard_filename(i, n)
+        weight_map.update(dict.fromkeys(names, fname))
+        if reuse_from is not None and i not in plan.edit_shards and not set(names) & set(edited):
+            same_layout = {k for k, v in previous_map.items() if v == fname} == set(names)
+            if same_layout and (reuse_from / fname).is_file():
+                os.link(reuse_from / fname, out_dir / fname)
+                total += sum(infos[nm].nbytes for nm in names)
+                continue
         planned = [PlannedTensor(nm, infos[nm], producer(nm)) for nm in names]
         total += write_shard(out_dir / fname, planned, {"format": "pt"})
-        weight_map.update(dict.fromkeys(names, fname))
     index = {
         "metadata": {
             "total_size": total,

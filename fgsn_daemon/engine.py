@@ -279,6 +279,7 @@ def write_edited_checkpoint(
     rank: int = 8,
     device: torch.device | str = "cpu",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    reuse_from: Path | None = None,
 ) -> EditOutcome:
     """Write fine-tuned weights with ``neurons`` projected, computed only from the three inputs."""
     op = parse_operator(operator)
@@ -310,6 +311,7 @@ def write_edited_checkpoint(
         sorted(edit_group),
         aux_dirs=[trio.finetuned.path, trio.aligned.path],
         max_shard_bytes=max_shard_bytes,
+        reuse_from=reuse_from,
     )
     counts = count_modification(trio, neurons, band, spaces)
     return EditOutcome(
