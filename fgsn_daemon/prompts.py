@@ -31,6 +31,8 @@ def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise PromptFileError(f"{source}:{number}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise PromptFileError(f"{source}:{number}: expected a JSON object with a 'prompt' field")
         prompt = obj.get("prompt")
