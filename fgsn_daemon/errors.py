@@ -19,3 +19,11 @@ class PromptFileError(FGSNError):
 
 class ConfigError(FGSNError):
     """Bad parameters (band, percentages, operator names, ...)."""
+
+
+class RegistryError(FGSNError):
+    """The registry database is missing, at the wrong schema revision, or refused a change."""
+
+
+class PolicyError(FGSNError):
+    """A policy folder or dimension is malformed, unsafe (symlink out, oversized) or invalid."""
