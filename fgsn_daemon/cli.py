@@ -15,6 +15,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained
 LOG = logging.getLogger("fgsn")
 
 
+def _register_subcommands() -> None:
+    from fgsn_daemon.registry_cli import register as register_registry_commands
+
+    register_registry_commands(app)
+
+
 @app.callback()
 def _root() -> None:
     """fgsn: find, project and track fine-grained safety neurons."""
@@ -121,6 +127,8 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
+
+_register_subcommands()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,53 @@
+"""The persistent frozen-neuron registry: models, engines and migrations, and the store API."""
+
+from fgsn_daemon.registry.db import current_revision, head_revision, make_engine, upgrade_to_head
+from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
+from fgsn_daemon.registry.store import (
+    JOB_TRANSITIONS,
+    CandidateInfo,
+    ClaimInfo,
+    DimensionDetail,
+    DimensionInfo,
+    EventInfo,
+    HeartbeatInfo,
+    JobInfo,
+    LineageInfo,
+    NeuronAlreadyClaimedError,
+    Registry,
+    RegistrySnapshot,
+    RegistryWriter,
+    RevisionInfo,
+    StaleRegistryError,
+    StatusInfo,
+    StoredCurveInfo,
+    VersionInfo,
+)
+
+__all__ = [
+    "JOB_TRANSITIONS",
+    "CandidateInfo",
+    "CandidateOutcome",
+    "ClaimInfo",
+    "DimensionDetail",
+    "DimensionInfo",
+    "EventInfo",
+    "HeartbeatInfo",
+    "JobInfo",
+    "JobKind",
+    "JobState",
+    "LineageInfo",
+    "NeuronAlreadyClaimedError",
+    "Registry",
+    "RegistrySnapshot",
+    "RegistryWriter",
+    "RevisionInfo",
+    "RevisionStatus",
+    "StaleRegistryError",
+    "StatusInfo",
+    "StoredCurveInfo",
+    "VersionInfo",
+    "current_revision",
+    "head_revision",
+    "make_engine",
+    "upgrade_to_head",
+]

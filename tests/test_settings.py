@@ -1,0 +1,191 @@
+"""Settings: precedence CLI > FGSN_* environment > TOML > defaults, masking, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fgsn_daemon.errors import ConfigError
+from fgsn_daemon.registry_cli import parse_param_flags, register
+from fgsn_daemon.settings import effective_config, load_settings, mask_database_url, render_config_toml
+
+PASSWORD = "s3cr3t-pw"
+TOML = f"""
+device = "cpu"
+state_dir = "/srv/fgsn-state"
+database_url = "postgresql+psycopg://fgsn:{PASSWORD}@db.internal:5432/fgsn"
+scan_interval_s = 30
+
+[params]
+q = 3
+p = 2
+scoring = "contrast"
+operator = "projector"
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No FGSN_* variable or ./fgsn.toml from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("FGSN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "conf" / "fgsn.toml"
+    path.parent.mkdir()
+    path.write_text(TOML)
+    return path
+
+
+def test_defaults_put_the_sqlite_registry_in_the_state_dir(tmp_path: Path) -> None:
+    settings = load_settings()
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.database_url_value() == f"sqlite:///{tmp_path / 'state' / 'registry.db'}"
+    assert settings.params.operator == "safe_lora"
+    assert settings.params.spaces == ["mlp"]
+    assert settings.device == "auto"
+
+
+def test_precedence_cli_over_env_over_toml(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml_only = load_settings(config_file)
+    assert (toml_only.device, toml_only.params.q, toml_only.params.scoring) == ("cpu", 3.0, "contrast")
+    assert toml_only.scan_interval_s == 30
+
+    monkeypatch.setenv("FGSN_DEVICE", "cuda")
+    monkeypatch.setenv("FGSN_PARAMS__Q", "4")
+    monkeypatch.setenv("FGSN_PARAMS__SPACES", "mlp,attn")
+    with_env = load_settings(config_file)
+    assert (with_env.device, with_env.params.q, with_env.params.spaces) == ("cuda", 4.0, ["mlp", "attn"])
+    assert with_env.params.scoring == "contrast"  # nested values merge: TOML still supplies the rest
+
+    with_cli = load_settings(config_file, {"device": "cpu", "params": {"q": 1.5, "p": None}, "base": None})
+    assert (with_cli.device, with_cli.params.q) == ("cpu", 1.5)
+    assert with_cli.params.p == 2.0  # a flag left at None does not hide the TOML value
+    assert with_cli.params.spaces == ["mlp", "attn"]
+    assert with_cli.params.operator == "projector"
+    assert with_cli.base is None
+
+
+def test_config_file_from_env_default_file_and_missing_file(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FGSN_CONFIG", str(config_file))
+    assert load_settings().params.operator == "projector"
+    other = tmp_path / "other.toml"
+    other.write_text('[params]\noperator = "restore"\n')
+    assert load_settings(other).params.operator == "restore"  # --config beats FGSN_CONFIG
+    monkeypatch.delenv("FGSN_CONFIG")
+    assert load_settings().params.operator == "safe_lora"
+    (tmp_path / "fgsn.toml").write_text('[params]\noperator = "per_neuron"\n')
+    assert load_settings().params.operator == "per_neuron"  # ./fgsn.toml when present
+    with pytest.raises(ConfigError, match=r"nope\.toml \(from --config\) does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    monkeypatch.setenv("FGSN_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError, match=r"gone\.toml \(from FGSN_CONFIG\) does not exist"):
+        load_settings()
+
+
+def test_secrets_are_masked(config_file: Path) -> None:
+    settings = load_settings(config_file)
+    assert PASSWORD in settings.database_url_value()
+    assert PASSWORD not in repr(settings)
+    shown = effective_config(settings)
+    assert shown["database_url"] == "postgresql+psycopg://fgsn:***@db.internal:5432/fgsn"
+    assert PASSWORD not in render_config_toml(settings)
+    assert mask_database_url("sqlite:////srv/x/registry.db") == "sqlite:////srv/x/registry.db"
+    assert mask_database_url("not a url at all ::") == "***"
+
+
+def test_config_show_command_masks_and_applies_flags(config_file: Path) -> None:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Commands under test."""
+
+    register(app)
+    runner = CliRunner()
+    text = runner.invoke(app, ["config", "show", "--config", str(config_file), "--param", "band=[10,15]"])
+    assert text.exit_code == 0, text.output
+    assert PASSWORD not in text.output
+    assert 'database_url = "postgresql+psycopg://fgsn:***@db.internal:5432/fgsn"' in text.output
+    assert "band = [10, 15]" in text.output
+    as_json = runner.invoke(
+        app,
+        ["config", "show", "--json", "--config", str(config_file), "--device", "cuda:1", "--param", "q=7"],
+    )
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.output)
+    assert (data["device"], data["params"]["q"], data["params"]["p"]) == ("cuda:1", 7.0, 2.0)
+    assert PASSWORD not in as_json.output
+    bad = runner.invoke(app, ["config", "show", "--param", "operator=rotate"])
+    assert bad.exit_code == 2
+    assert "params.operator" in bad.output and "'restore'" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"params": {"operator": "rotate"}}, r"params\.operator: Input should be 'safe_lora', 'projector'"),
+        ({"params": {"q": 0}}, r"params\.q: Input should be greater than 0 \(got 0\)"),
+        ({"params": {"q": 150}}, r"params\.q: Input should be less than or equal to 100 \(got 150\)"),
+        ({"params": {"p": -1}}, r"params\.p: Input should be greater than or equal to 0"),
+        ({"params": {"band": (15, 10)}}, r"params\.band: Value error, band must be \[start, end\]"),
+        ({"params": {"spaces": ["mlp", "conv"]}}, r"params\.spaces\.1: Input should be 'mlp' or 'attn'"),
+        ({"device": "tpu"}, r"device: String should match pattern"),
+        ({"scan_interval_s": 0}, r"scan_interval_s: Input should be greater than 0"),
+    ],
+)
+def test_validation_errors_name_the_field(overrides: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_settings(None, overrides)
+    assert "invalid configuration" in str(caught.value)
+
+
+def test_bad_values_from_toml_and_env_are_reported_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('colour = "blue"\n[params]\nq = 101\n')
+    monkeypatch.setenv("FGSN_PARAMS__OPERATOR", "rotate")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "3 problem(s)" in message
+    assert "colour: Extra inputs are not permitted" in message
+    assert "params.q: Input should be less than or equal to 100" in message
+    assert "params.operator" in message
+    assert str(path) in message
+
+
+def test_malformed_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[params\nq = 3\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
+        load_settings(path)
+
+
+def test_bad_database_url_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"database_url": "::nonsense:pw"})
+    assert "database_url: Value error, not a database URL" in str(caught.value)
+    assert "nonsense" not in str(caught.value)
+
+
+def test_param_flags_parse() -> None:
+    assert parse_param_flags(["q=3", "spaces=mlp,attn", "band=[1, 2]", "band=null"]) == {
+        "q": "3",
+        "spaces": "mlp,attn",
+        "band": None,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_param_flags(["q"])
