@@ -19,6 +19,9 @@ def _register_subcommands() -> None:
     from fgsn_daemon.registry_cli import register as register_registry_commands
 
     register_registry_commands(app)
+    from fgsn_daemon.daemon_cli import register as register_daemon_commands
+
+    register_daemon_commands(app)
 
 
 @app.callback()
@@ -121,6 +124,7 @@ def apply(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-connection chatter is noise here
     try:
         app()
     except FGSNError as exc:  # errors raised outside a command body

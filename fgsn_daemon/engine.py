@@ -182,7 +182,7 @@ class Localiser:
             self.model = load_scoring_model(self.trio, self.params.score_model, self.device)
             self.tokenizer = load_tokenizer(self.trio.aligned.path)
 
-    def _collect(self, prompts: Sequence[str], layers: Sequence[int], curve: bool) -> ActivationStats:
+    def collect(self, prompts: Sequence[str], layers: Sequence[int], curve: bool = False) -> ActivationStats:
         self.ensure_model()
         return collect_stats(
             self.model,
@@ -204,16 +204,19 @@ class Localiser:
             return self.band
         every_layer = list(range(self.trio.num_layers))
         self.progress("benign forward pass (layer curve + neuron statistics)")
-        self._benign = self._collect(self.benign_prompts, every_layer, curve=True)
+        self._benign = self.collect(self.benign_prompts, every_layer, curve=True)
         self.progress("harmful forward pass (layer curve + neuron statistics)")
-        self._curve_harmful = self._collect(harmful_prompts, every_layer, curve=True)
+        self._curve_harmful = self.collect(harmful_prompts, every_layer, curve=True)
         self.curve = layer_curve(self._benign, self._curve_harmful)
         self.band = choose_band(self.curve, self.params.band)
         return self.band
 
-    def set_band(self, curve: LayerCurve, band: Band, benign: ActivationStats) -> None:
-        """Reuse a stored curve/band and benign statistics (the daemon's cache)."""
-        self.curve, self.band, self._benign = curve, band, benign
+    def set_benign(self, stats: ActivationStats) -> None:
+        """Reuse benign statistics computed earlier (the daemon's cache)."""
+        self._benign = stats
+
+    def has_benign(self, keys: set[tuple[int, str]]) -> bool:
+        return self._benign is not None and keys <= set(self._benign.neurons)
 
     @property
     def benign_stats(self) -> ActivationStats:
@@ -227,10 +230,13 @@ class Localiser:
             return stats
         assert self.band is not None
         self.progress("harmful forward pass (band only)")
-        return self._collect(harmful_prompts, self.band.layers, curve=False)
+        return self.collect(harmful_prompts, self.band.layers, curve=False)
 
-    def score(self, harmful: ActivationStats) -> dict[tuple[int, str], NeuronScores]:
+    def score(
+        self, harmful: ActivationStats, benign: ActivationStats | None = None
+    ) -> dict[tuple[int, str], NeuronScores]:
         assert self.band is not None
+        benign = benign or self.benign_stats
         scoring = parse_scoring(self.params.scoring)
         source = self.trio.scoring_source(self.params.score_model)
         out: dict[tuple[int, str], NeuronScores] = {}
@@ -244,7 +250,7 @@ class Localiser:
                 out[key] = score_neurons(
                     scoring,
                     harmful.neurons[key],
-                    self.benign_stats.neurons[key],
+                    benign.neurons[key],
                     col_l1,
                     self.params.positions,
                 )

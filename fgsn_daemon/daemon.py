@@ -1,0 +1,759 @@
+"""The long-running service: lock, recover, scan the policy folder, run jobs, publish versions.
+
+One job at a time, each a compare-and-set state machine (pending → scoring → editing → done, or
+failed/discarded). Every version is computed from the immutable inputs and the *whole* current
+claim assignment (``continual.assign_claims``), so applying, replacing and rolling back are the
+same operation on a different revision order. The order of side effects makes crashes harmless:
+
+1. the version folder is written under a staging name and renamed into place (complete or absent);
+2. one registry transaction records claims, statuses, the version and "job done" together;
+3. the ``current`` link is swapped.
+
+On restart: staging leftovers are deleted, version folders the registry does not know are removed,
+unfinished jobs go back to pending (their work is deterministic, so re-running is safe), and the
+``current`` link is made to agree with the registry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fgsn_daemon.activations import ActivationStats, resolve_device
+from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from fgsn_daemon.continual import assign_claims, neurons_by_unit
+from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
+from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.localisation import choose_band, select_neurons
+from fgsn_daemon.policy import (
+    Dimension,
+    bundled_benign,
+    bundled_policies_dir,
+    list_dimension_dirs,
+    load_dimension,
+)
+from fgsn_daemon.records import ApplyResult, Band, NeuronId
+from fgsn_daemon.registry import Registry
+from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
+from fgsn_daemon.settings import Settings
+from fgsn_daemon.versions import VersionStore
+
+LOG = logging.getLogger("fgsn.daemon")
+LOCK_NAME = "daemon.lock"
+REFERENCE_PER_DIMENSION = 40  # harmful prompts per bundled dimension used to find the band
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``FGSN_FAULT=<name>`` makes the process SIGKILL itself here, exactly as an
+    outside ``kill -9`` would, so the tests can hit every step of a job deterministically."""
+    if os.environ.get("FGSN_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DaemonLockedError(FGSNError):
+    """Another daemon holds the state folder."""
+
+
+class StopRequested(Exception):
+    """Raised at a safe point after SIGTERM/SIGINT; the job is resumed at the next start."""
+
+
+def engine_params(settings: Settings) -> FGSNParams:
+    p = settings.params
+    return FGSNParams(
+        scoring=p.scoring,
+        positions=p.positions,
+        operator=p.operator,
+        q=p.q,
+        p=p.p,
+        spaces=tuple(p.spaces),
+        score_model=p.score_model,
+        rank=p.rank,
+        band=tuple(p.band) if p.band else None,  # type: ignore[arg-type]
+        batch_size=p.batch_size,
+        max_length=p.max_length,
+    )
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Cheap identity of a model folder: config, adapter config and every safetensors header + size."""
+    h = hashlib.sha256()
+    for name in ("config.json", "adapter_config.json", "model.safetensors.index.json"):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + fh.read(min(n, 64 << 20)))
+    return h.hexdigest()
+
+
+def raw_fingerprint(path: Path) -> str:
+    """Identity of a folder that failed to load (names, sizes, mtimes), so its error is recorded once."""
+    h = hashlib.sha256()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        st = entry.stat(follow_symlinks=False)
+        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return "raw:" + h.hexdigest()
+
+
+def newest_mtime(path: Path) -> float:
+    times = [path.stat().st_mtime]
+    for entry in os.scandir(path):
+        times.append(entry.stat(follow_symlinks=False).st_mtime)
+    return max(times)
+
+
+def reference_harmful_prompts() -> list[str]:
+    """A fixed harmful set for the layer curve: the band is a property of the model lineage, not of
+    whichever dimension arrives first (otherwise rolling back the first one could move the band)."""
+    prompts: list[str] = []
+    dirs, _ = list_dimension_dirs(bundled_policies_dir())
+    for d in dirs:
+        prompts.extend(load_dimension(d).harmful[:REFERENCE_PER_DIMENSION])
+    return prompts
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    progress: Callable[[str], None] = field(default=lambda msg: LOG.info(msg))
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    registry: Registry | None = None
+    trio: ModelTrio | None = None
+    localiser: Localiser | None = None
+    lineage_id: int = 0
+    versions: VersionStore | None = None
+    band: Band | None = None
+    _lock_fd: int | None = None
+    _reported: set[str] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    def acquire_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaemonLockedError(
+                f"another fgsn daemon (pid {holder}) is already running on {self.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def open_registry(self) -> Registry:
+        if self.registry is None:
+            self.registry = Registry.open(self.settings.database_url_value())
+        return self.registry
+
+    def open_models(self) -> ModelTrio:
+        s = self.settings
+        if s.base is None or s.aligned is None or s.finetuned is None:
+            raise FGSNError("the base, aligned and finetuned model paths must all be configured")
+        if self.trio is None:
+            self.trio = ModelTrio.open(s.base, s.aligned, s.finetuned)
+            reg = self.open_registry()
+            with reg.transaction() as tx:
+                self.lineage_id = tx.ensure_lineage(
+                    folder_fingerprint(s.base), folder_fingerprint(s.aligned), folder_fingerprint(s.finetuned)
+                )
+            self.versions = VersionStore(self.state_dir / f"lineage-{self.lineage_id}")
+            self._point_top_level_link()
+        return self.trio
+
+    def _point_top_level_link(self) -> None:
+        link, target = self.state_dir / "current", Path(f"lineage-{self.lineage_id}") / "current"
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            return
+        tmp = self.state_dir / ".current-lineage.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def get_localiser(self) -> Localiser:
+        if self.localiser is None:
+            trio = self.open_models()
+            self.localiser = Localiser(
+                trio,
+                engine_params(self.settings),
+                resolve_device(self.settings.device),
+                bundled_benign("train"),
+                progress=self.progress,
+            )
+        return self.localiser
+
+    def close(self) -> None:
+        if self.trio is not None:
+            self.trio.close()
+            self.trio = None
+        if self.registry is not None:
+            self.registry.close()
+            self.registry = None
+        self.release_lock()
+
+    def check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        """Lock, migrate, open models, recover from any crash, and make sure a first version exists."""
+        self.acquire_lock()
+        reg = self.open_registry()
+        self.open_models()
+        self.recover()
+        self.ensure_band()
+        if reg.current_version(self.lineage_id) is None:
+            self.progress("writing the initial version (the fine-tuned model, re-sharded)")
+            self._publish([], {}, job_id=None, finish=None)
+
+    def recover(self) -> None:
+        reg, store = self.open_registry(), self.versions
+        assert store is not None
+        removed = store.clean_staging()
+        known = {Path(v.path).name for v in reg.versions(self.lineage_id)}
+        for name in store.names():
+            if name not in known:
+                store.remove(name)
+                removed.append(name)
+        requeued = []
+        with reg.transaction() as tx:
+            for job in tx.jobs(self.lineage_id, unfinished_only=True):
+                if job.state != JobState.PENDING:
+                    tx.transition_job(job.id, job.state, JobState.PENDING)
+                    requeued.append(job.id)
+            if removed or requeued:
+                tx.append_event(
+                    "daemon.recovered",
+                    lineage_id=self.lineage_id,
+                    details={"removed": removed, "requeued_jobs": requeued},
+                )
+        current = reg.current_version(self.lineage_id)
+        if current is not None and store.current() != Path(current.path).name:
+            store.publish(Path(current.path).name)
+        if removed or requeued:
+            LOG.warning("recovered after an interruption: removed %s, requeued jobs %s", removed, requeued)
+
+    def ensure_band(self) -> Band:
+        """The lineage's layer curve and band, computed once (forward passes) and cached in the DB."""
+        if self.band is not None:
+            return self.band
+        reg = self.open_registry()
+        params = engine_params(self.settings)
+        key = f"benign+reference:{params.score_model}:{params.max_length}"
+        stored = reg.layer_curve(self.lineage_id, key)
+        loc = self.get_localiser()
+        if stored is not None:
+            loc.curve, loc.band = stored.curve, choose_band(stored.curve, params.band)
+        else:
+            loc.establish_band(reference_harmful_prompts())
+            assert loc.curve is not None and loc.band is not None
+            with reg.transaction() as tx:
+                tx.save_layer_curve(self.lineage_id, loc.curve, loc.band, key)
+        self.band = loc.band
+        assert self.band is not None
+        return self.band
+
+    def benign_stats(self) -> ActivationStats:
+        """Benign statistics in the band: computed once, kept in memory and cached on disk."""
+        loc = self.get_localiser()
+        band = self.ensure_band()
+        wanted = {(layer, space) for layer in band.layers for space in loc.params.spaces}
+        if loc.has_benign(wanted):
+            return loc.benign_stats
+        key = hashlib.sha256(
+            repr(
+                (
+                    band,
+                    loc.params.spaces,
+                    loc.params.max_length,
+                    loc.params.score_model,
+                    list(loc.benign_prompts),
+                )
+            ).encode()
+        ).hexdigest()[:16]
+        cache = self.state_dir / f"lineage-{self.lineage_id}" / f"benign-stats-{key}.safetensors"
+        if cache.exists():
+            loc.set_benign(ActivationStats.load(cache))
+        else:
+            self.progress("benign forward pass (band only; reused for every dimension)")
+            loc.set_benign(loc.collect(loc.benign_prompts, band.layers))
+            loc.benign_stats.save(cache)
+        return loc.benign_stats
+
+    # ------------------------------------------------------------------ scanning
+
+    def scan(self, now: float | None = None) -> list[str]:
+        """Turn new or changed, settled dimension folders into revisions with pending apply jobs."""
+        now = time.time() if now is None else now
+        reg = self.open_registry()
+        root = self.settings.policy_dir
+        if not root.is_dir():
+            self._report_once(
+                f"policy-dir:{root}", "policy.folder_missing", None, f"policy folder {root} does not exist"
+            )
+            return []
+        dirs, invalid = list_dimension_dirs(root)
+        for entry in invalid:
+            self._report_once(
+                f"invalid:{entry.path.name}:{entry.reason}",
+                "policy.invalid_entry",
+                None,
+                f"{entry.path.name}: {entry.reason}",
+            )
+        queued = []
+        latest = {d.name: d.latest for d in reg.dimensions(self.lineage_id)}
+        for path in dirs:
+            try:
+                if now - newest_mtime(path) < self.settings.settle_s:
+                    continue  # still being written
+            except FileNotFoundError:
+                continue
+            name = path.name
+            error: str | None = None
+            try:
+                dim = load_dimension(path)
+                fp = dim.fingerprint
+            except FGSNError as exc:
+                error = str(exc)
+                try:
+                    fp = raw_fingerprint(path)
+                except OSError:
+                    continue
+            last = latest.get(name)
+            if last is not None and last.content_fingerprint == fp:
+                continue
+            with reg.transaction() as tx:
+                if error is not None:
+                    rev = tx.add_revision(
+                        self.lineage_id, name, fp, status=RevisionStatus.FAILED, error=error
+                    )
+                    tx.append_event(
+                        "dimension.rejected",
+                        lineage_id=self.lineage_id,
+                        dimension_name=name,
+                        revision_id=rev,
+                        details={"error": error},
+                    )
+                    LOG.error("dimension %s rejected: %s", name, error)
+                    continue
+                rev = tx.add_revision(self.lineage_id, name, fp)
+                tx.create_job(
+                    self.lineage_id,
+                    JobKind.APPLY,
+                    dimension_id=tx.ensure_dimension(self.lineage_id, name),
+                    revision_id=rev,
+                )
+            LOG.info("dimension %s: new revision queued", name)
+            queued.append(name)
+        return queued
+
+    def _report_once(self, key: str, kind: str, dimension: str | None, message: str) -> None:
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        LOG.error(message)
+        with self.open_registry().transaction() as tx:
+            tx.append_event(
+                kind, lineage_id=self.lineage_id or None, dimension_name=dimension, details={"error": message}
+            )
+
+    # ------------------------------------------------------------------ jobs
+
+    def drain(self) -> int:
+        """Run pending jobs one at a time, oldest first. Returns how many finished."""
+        reg = self.open_registry()
+        done = 0
+        while not self.stop_event.is_set():
+            pending = [
+                j for j in reg.jobs(self.lineage_id, unfinished_only=True) if j.state == JobState.PENDING
+            ]
+            if not pending:
+                break
+            job = min(pending, key=lambda j: j.id)
+            if not self.models_available():
+                break
+            try:
+                if job.kind == JobKind.APPLY:
+                    self.run_apply(job.id)
+                else:
+                    self.run_rollback(job.id)
+                done += 1
+            except StopRequested:
+                LOG.info("stopping: job %s will resume at the next start", job.id)
+                break
+            except FGSNError as exc:  # never leave a job to be retried forever on every tick
+                state = reg.job(job.id).state
+                if state not in (JobState.DONE, JobState.FAILED, JobState.DISCARDED):
+                    self._fail_job(
+                        job.id, state, job.revision_id if job.kind == JobKind.APPLY else None, str(exc)
+                    )
+        return done
+
+    def models_available(self) -> bool:
+        s = self.settings
+        missing = [str(p) for p in (s.base, s.aligned, s.finetuned) if p is None or not Path(p).exists()]
+        if missing:
+            self._report_once(
+                f"models-missing:{missing}",
+                "daemon.model_missing",
+                None,
+                f"model path(s) missing: {', '.join(missing)}; jobs wait until they are back",
+            )
+            return False
+        return True
+
+    def _fail_job(self, job_id: int, state: JobState, revision_id: int | None, error: str) -> None:
+        LOG.error("job %s failed: %s", job_id, error)
+        with self.open_registry().transaction() as tx:
+            tx.transition_job(job_id, state, JobState.FAILED, error=error)
+            if revision_id is not None:
+                tx.set_revision_status(revision_id, RevisionStatus.FAILED, error=error)
+
+    def applied_order(self) -> list[int]:
+        """Applied revisions in the order they were applied (by the job that applied them)."""
+        reg = self.open_registry()
+        applied = {r.id for r in reg.revisions(self.lineage_id, status=RevisionStatus.APPLIED)}
+        jobs = [j for j in reg.jobs(self.lineage_id) if j.kind == JobKind.APPLY and j.state == JobState.DONE]
+        order = [j.revision_id for j in sorted(jobs, key=lambda j: j.id) if j.revision_id in applied]
+        return list(dict.fromkeys(r for r in order if r is not None))
+
+    def stored_candidates(self, revision_id: int) -> list[NeuronId]:
+        return [
+            c.neuron
+            for c in self.open_registry().revision_candidates(revision_id)
+            if c.outcome in (CandidateOutcome.SELECTED, CandidateOutcome.SKIPPED)
+        ]
+
+    def run_apply(self, job_id: int) -> None:
+        reg = self.open_registry()
+        with reg.transaction() as tx:
+            if not tx.transition_job(job_id, JobState.PENDING, JobState.SCORING):
+                return
+        job = reg.job(job_id)
+        assert job.revision_id is not None
+        rev = reg.revision(job.revision_id)
+        try:
+            dim = load_dimension(self.settings.policy_dir / rev.dimension)
+        except (FGSNError, OSError) as exc:
+            self._fail_job(job_id, JobState.SCORING, rev.id, f"cannot read dimension {rev.dimension}: {exc}")
+            return
+        if dim.fingerprint != rev.content_fingerprint:
+            with reg.transaction() as tx:
+                tx.transition_job(
+                    job_id,
+                    JobState.SCORING,
+                    JobState.DISCARDED,
+                    error="the dimension changed before it was applied; a new revision follows",
+                )
+            return
+        try:
+            result = self.localise(dim, rev.id)
+        except FGSNError as exc:
+            self._fail_job(job_id, JobState.SCORING, rev.id, str(exc))
+            return
+        fault_point("after_scoring")
+        self.check_stop()
+        with reg.transaction() as tx:
+            tx.record_revision_result(rev.id, result)
+            tx.transition_job(job_id, JobState.SCORING, JobState.EDITING)
+        # a changed dimension replaces its applied revision in the same version
+        replaced = [
+            r.id
+            for r in reg.revisions(self.lineage_id, status=RevisionStatus.APPLIED)
+            if r.dimension == rev.dimension
+        ]
+        order = [r for r in self.applied_order() if r not in replaced] + [rev.id]
+        candidates = {r: self.stored_candidates(r) for r in order if r != rev.id}
+        candidates[rev.id] = [c.id for c in result.candidates]
+        self.check_stop()
+
+        def finish(tx: Any, version_id: int) -> None:
+            for old in replaced:
+                tx.set_revision_status(old, RevisionStatus.SUPERSEDED)
+            tx.set_revision_status(rev.id, RevisionStatus.APPLIED)
+            _finish_job(tx, job_id)
+            tx.append_event(
+                "dimension.applied",
+                lineage_id=self.lineage_id,
+                dimension_name=rev.dimension,
+                revision_id=rev.id,
+                job_id=job_id,
+                details={
+                    "selected": len(result.selected),
+                    "skipped": len(result.skipped),
+                    "replaced": replaced,
+                    "modified_ratio": result.modification.ratio,
+                },
+            )
+
+        self._publish(order, candidates, job_id=job_id, finish=finish, released=replaced)
+        LOG.info(
+            "applied %s: %d neurons selected, %d skipped",
+            rev.dimension,
+            len(result.selected),
+            len(result.skipped),
+        )
+
+    def localise(self, dim: Dimension, revision_id: int) -> ApplyResult:
+        """This dimension's candidates and selection (frozen = neurons owned by other dimensions)."""
+        loc = self.get_localiser()
+        params = loc.params
+        fgsn = dim.spec.fgsn
+        q = fgsn.q if fgsn and fgsn.q is not None else params.q
+        p = fgsn.p if fgsn and fgsn.p is not None else params.p
+        harmful = list(dim.harmful)
+        if fgsn and fgsn.max_prompts:
+            harmful = harmful[: fgsn.max_prompts]
+        band = self.ensure_band()
+        benign = self.benign_stats()
+        if dim.benign:  # the dimension's own benign prompts add to the shared statistics
+            benign = ActivationStats.from_state_dict(benign.state_dict())
+            benign.merge(loc.collect(list(dim.benign), band.layers))
+        self.progress(f"{dim.name}: harmful forward pass ({len(harmful)} prompts, band only)")
+        scores = loc.score(loc.collect(harmful, band.layers), benign=benign)
+        reg = self.open_registry()
+        frozen = {n: owner for n, owner in reg.frozen_neurons(self.lineage_id).items() if owner != dim.name}
+        selection = select_neurons(scores, q, p, frozen)
+        trio = self.open_models()
+        from fgsn_daemon.engine import count_modification
+
+        modification = count_modification(
+            trio,
+            neurons_by_unit({0: [n.id for n in selection.selected]}),
+            loc.band,
+            params.spaces,  # type: ignore[arg-type]
+        )
+        rec = params.record().model_copy(update={"q": q, "p": p})
+        assert loc.curve is not None and loc.band is not None
+        return ApplyResult(
+            params=rec,
+            curve=loc.curve,
+            band=loc.band,
+            layer_counts=selection.counts,
+            candidates=selection.candidates,
+            selected=selection.selected,
+            skipped=selection.skipped,
+            modification=modification,
+            output=None,
+            edited_tensors=[],
+        )
+
+    def plan_rollback(
+        self, dimension: str
+    ) -> tuple[int, list[int], dict[int, list[NeuronId]], dict[int, list[NeuronId]]]:
+        """(revision rolled back, remaining order, claims before, claims after) — no side effects."""
+        reg = self.open_registry()
+        applied = [
+            r
+            for r in reg.revisions(self.lineage_id, status=RevisionStatus.APPLIED)
+            if r.dimension == dimension
+        ]
+        if not applied:
+            raise FGSNError(f"dimension {dimension!r} has no applied revision to roll back")
+        target = applied[-1].id
+        order = self.applied_order()
+        candidates = {r: self.stored_candidates(r) for r in order}
+        before = assign_claims(order, candidates)
+        remaining = [r for r in order if r != target]
+        after = assign_claims(remaining, candidates)
+        return target, remaining, before, after
+
+    def run_rollback(self, job_id: int) -> None:
+        reg = self.open_registry()
+        with reg.transaction() as tx:  # no scoring phase: candidates come from the registry
+            if not (
+                tx.transition_job(job_id, JobState.PENDING, JobState.SCORING)
+                and tx.transition_job(job_id, JobState.SCORING, JobState.EDITING)
+            ):
+                return
+        job = reg.job(job_id)
+        name = (job.details or {}).get("dimension") or job.dimension
+        try:
+            target, remaining, _, _ = self.plan_rollback(str(name))
+        except FGSNError as exc:
+            self._fail_job(job_id, JobState.EDITING, None, str(exc))
+            return
+        candidates = {r: self.stored_candidates(r) for r in remaining}
+
+        def finish(tx: Any, version_id: int) -> None:
+            tx.set_revision_status(target, RevisionStatus.ROLLED_BACK)
+            _finish_job(tx, job_id)
+            tx.append_event(
+                "dimension.rolled_back",
+                lineage_id=self.lineage_id,
+                dimension_name=str(name),
+                revision_id=target,
+                job_id=job_id,
+            )
+
+        self._publish(remaining, candidates, job_id=job_id, finish=finish, released=[target])
+        LOG.info("rolled back %s", name)
+
+    def _publish(
+        self,
+        order: Sequence[int],
+        candidates: dict[int, list[NeuronId]],
+        job_id: int | None,
+        finish: Callable[[Any, int], None] | None,
+        released: Sequence[int] = (),
+    ) -> str:
+        """Write the version for ``order``, commit claims + version + job outcome, swap ``current``."""
+        reg, store, trio = self.open_registry(), self.versions, self.open_models()
+        assert store is not None
+        band = self.ensure_band()
+        params = engine_params(self.settings)
+        claims = assign_claims(order, candidates)
+        current = reg.current_version(self.lineage_id)
+        name = store.next_name()
+        self.progress(f"writing version {name} ({sum(len(v) for v in claims.values())} frozen neurons)")
+        fault_point("before_build")
+        store.build(
+            name,
+            trio,
+            neurons_by_unit(claims),
+            params.operator,
+            band,
+            params.spaces,
+            params.rank,
+            resolve_device(self.settings.device),
+            DEFAULT_MAX_SHARD_BYTES,
+            parent=Path(current.path).name if current else None,
+        )
+        fault_point("after_build")
+        self.check_stop()
+        with reg.transaction() as tx:
+            self._sync_claims(tx, claims, candidates, released)
+            version_id = tx.add_version(
+                self.lineage_id,
+                str(store.path(name)),
+                list(order),
+                parent_id=current.id if current else None,
+                make_current=True,
+            )
+            if finish is not None:
+                finish(tx, version_id)
+        fault_point("after_commit")
+        store.publish(name)
+        return name
+
+    def _sync_claims(
+        self,
+        tx: Any,
+        claims: dict[int, list[NeuronId]],
+        candidates: dict[int, list[NeuronId]],
+        released: Sequence[int],
+    ) -> None:
+        """Make the registry's active claims equal ``claims``, touching only revisions that change."""
+        held: dict[int, set[NeuronId]] = {}
+        for c in tx.neurons(self.lineage_id):
+            held.setdefault(c.revision_id, set()).add(NeuronId(c.layer, c.space, c.index))
+        changed = [r for r in claims if set(claims[r]) != held.get(r, set())]
+        for rev in {*released, *changed}:  # release first: a neuron may move between revisions
+            if held.get(rev):
+                tx.release_claims(rev)
+        owner_name = {r: tx.revision(r).dimension for r in claims}
+        owner_of = {n: r for r, ns in claims.items() for n in ns}
+        for rev in changed:
+            tx.claim_neurons(rev, claims[rev])
+            tx.set_candidate_outcomes(rev, claims[rev], CandidateOutcome.SELECTED)
+            mine = set(claims[rev])
+            by_owner: dict[str, list[NeuronId]] = {}
+            for n in candidates[rev]:
+                if n not in mine and n in owner_of:
+                    by_owner.setdefault(owner_name[owner_of[n]], []).append(n)
+            for name, neurons in by_owner.items():
+                tx.set_candidate_outcomes(rev, neurons, CandidateOutcome.SKIPPED, skipped_owner=name)
+
+    # ------------------------------------------------------------------ loops
+
+    def tick(self) -> None:
+        """One scan + drain; exceptions are logged and recorded, never fatal to the service."""
+        try:
+            reg = self.open_registry()
+            with reg.transaction() as tx:
+                tx.heartbeat(os.getpid(), socket.gethostname())
+            self.scan()
+            self.drain()
+        except StopRequested:
+            pass
+        except FGSNError as exc:
+            self._report_once(f"tick:{exc}", "daemon.error", None, str(exc))
+        except Exception as exc:  # a bug must not kill a long-running service; it is recorded
+            LOG.exception("unexpected error in the daemon loop")
+            self._report_once(
+                f"tick:{type(exc).__name__}:{exc}", "daemon.error", None, f"{type(exc).__name__}: {exc}"
+            )
+
+    def run_once(self) -> None:
+        self.tick()
+
+    def run_forever(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+        )
+        scheduler.add_job(
+            self.tick, "interval", seconds=self.settings.scan_interval_s, id="tick", next_run_time=_now_dt()
+        )
+        scheduler.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            scheduler.shutdown(wait=True)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            if self.stop_event.is_set():
+                LOG.warning("second signal: exiting now")
+                os._exit(130)
+            LOG.info("signal %s: stopping at the next safe point", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _finish_job(tx: Any, job_id: int) -> None:
+    """editing → publishing → done inside the transaction that records the version."""
+    if not (
+        tx.transition_job(job_id, JobState.EDITING, JobState.PUBLISHING)
+        and tx.transition_job(job_id, JobState.PUBLISHING, JobState.DONE)
+    ):
+        raise FGSNError(f"job {job_id} changed state while it was running")
+
+
+def _now_dt() -> Any:
+    from datetime import datetime
+
+    return datetime.now().astimezone()
