@@ -534,12 +534,14 @@ class Daemon:
         if fgsn and fgsn.max_prompts:
             harmful = harmful[: fgsn.max_prompts]
         band = self.ensure_band()
-        benign = self.benign_stats()
-        if dim.benign:  # the dimension's own benign prompts add to the shared statistics
-            benign = ActivationStats.from_state_dict(benign.state_dict())
-            benign.merge(loc.collect(list(dim.benign), band.layers))
+        # the dimension's own benign prompts, when given, replace the shared set for it
+        benign = loc.collect(list(dim.benign), band.layers) if dim.benign else self.benign_stats()
         self.progress(f"{dim.name}: harmful forward pass ({len(harmful)} prompts, band only)")
-        scores = loc.score(loc.collect(harmful, band.layers), benign=benign)
+        scoring = fgsn.scoring if fgsn and fgsn.scoring else params.scoring
+        positions = fgsn.positions if fgsn and fgsn.positions else params.positions
+        scores = loc.score(
+            loc.collect(harmful, band.layers), benign=benign, scoring_name=scoring, positions=positions
+        )
         reg = self.open_registry()
         frozen = {n: owner for n, owner in reg.frozen_neurons(self.lineage_id).items() if owner != dim.name}
         selection = select_neurons(scores, q, p, frozen)
@@ -552,7 +554,7 @@ class Daemon:
             loc.band,
             params.spaces,  # type: ignore[arg-type]
         )
-        rec = params.record().model_copy(update={"q": q, "p": p})
+        rec = params.record().model_copy(update={"q": q, "p": p, "scoring": scoring, "positions": positions})
         assert loc.curve is not None and loc.band is not None
         return ApplyResult(
             params=rec,

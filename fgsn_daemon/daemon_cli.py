@@ -156,7 +156,8 @@ def rollback(
                     json.dumps(plan, indent=2)
                     if as_json
                     else (
-                        f"would roll back {dimension} (revision {target}): {plan['released']} neurons return to "
+                        f"would roll back {dimension} (revision {target}): {plan['released']} neurons "
+                        "return to "
                         f"their fine-tuned values; taken over by later dimensions: {gains or 'none'}; "
                         f"{plan['frozen_after']} neurons frozen afterwards"
                     )

@@ -233,11 +233,16 @@ class Localiser:
         return self.collect(harmful_prompts, self.band.layers, curve=False)
 
     def score(
-        self, harmful: ActivationStats, benign: ActivationStats | None = None
+        self,
+        harmful: ActivationStats,
+        benign: ActivationStats | None = None,
+        scoring_name: str | None = None,
+        positions: str | None = None,
     ) -> dict[tuple[int, str], NeuronScores]:
         assert self.band is not None
         benign = benign or self.benign_stats
-        scoring = parse_scoring(self.params.scoring)
+        scoring = parse_scoring(scoring_name or self.params.scoring)
+        positions = positions or self.params.positions
         source = self.trio.scoring_source(self.params.score_model)
         out: dict[tuple[int, str], NeuronScores] = {}
         for layer in self.band.layers:
@@ -252,7 +257,7 @@ class Localiser:
                     harmful.neurons[key],
                     benign.neurons[key],
                     col_l1,
-                    self.params.positions,
+                    positions,
                 )
         return out
 
