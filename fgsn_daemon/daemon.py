@@ -43,6 +43,7 @@ from fgsn_daemon.policy import (
     list_dimension_dirs,
     load_dimension,
 )
+from fgsn_daemon.prompts import load_prompts
 from fgsn_daemon.records import ApplyResult, Band, NeuronId
 from fgsn_daemon.registry import Registry
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
@@ -200,12 +201,10 @@ class Daemon:
     def get_localiser(self) -> Localiser:
         if self.localiser is None:
             trio = self.open_models()
+            s = self.settings
+            benign = load_prompts(s.benign) if s.benign is not None else bundled_benign("train")
             self.localiser = Localiser(
-                trio,
-                engine_params(self.settings),
-                resolve_device(self.settings.device),
-                bundled_benign("train"),
-                progress=self.progress,
+                trio, engine_params(s), resolve_device(s.device), benign, progress=self.progress
             )
         return self.localiser
 

@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     finetuned: Path | None = None
     policy_dir: Path = Path("policies")
     state_dir: Path = Path("state")
+    # Shared benign prompts (JSONL) for neuron scoring; None = the bundled synthetic set.
+    benign: Path | None = None
     # None means "SQLite file in state_dir"; read the resolved value from database_url_value().
     database_url: SecretStr | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")] = "auto"
@@ -117,7 +119,7 @@ class Settings(BaseSettings):
     scan_interval_s: float = Field(default=10.0, gt=0)
     settle_s: float = Field(default=5.0, ge=0, description="a policy folder must be unchanged this long")
 
-    @field_validator("base", "aligned", "finetuned", "policy_dir", "state_dir")
+    @field_validator("base", "aligned", "finetuned", "policy_dir", "state_dir", "benign")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Absolute paths, so the CLI run from another directory finds the same state.
