@@ -149,6 +149,8 @@ class Daemon:
         return self.settings.state_dir
 
     def acquire_lock(self) -> None:
+        if self._lock_fd is not None:
+            return  # flock is per open file: a second open in this process would block itself
         self.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:

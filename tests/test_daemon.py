@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from fgsn_daemon.registry import Registry
 from fgsn_daemon.registry.models import RevisionStatus
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["conftest_registry"]  # the registry_url fixture: SQLite and PostgreSQL
 
 DIMENSIONS = {
     "a_cyber": ["hack wifi", "phish bank account", "steal bank account money", "hack bank account"],
@@ -42,10 +45,13 @@ def write_dimension(policy_dir: Path, name: str, prompts: list[str]) -> Path:
     return final
 
 
-def write_config(root: Path, trio: dict[str, Path], policy_dir: Path, state_dir: Path) -> Path:
+def write_config(
+    root: Path, trio: dict[str, Path], policy_dir: Path, state_dir: Path, database_url: str | None = None
+) -> Path:
     cfg = root / f"fgsn-{state_dir.name}.toml"
+    db = f'database_url = "{database_url}"\n' if database_url else ""
     cfg.write_text(
-        f'base = "{trio["base"]}"\naligned = "{trio["aligned"]}"\nfinetuned = "{trio["finetuned"]}"\n'
+        db + f'base = "{trio["base"]}"\naligned = "{trio["aligned"]}"\nfinetuned = "{trio["finetuned"]}"\n'
         f'policy_dir = "{policy_dir}"\nstate_dir = "{state_dir}"\ndevice = "cpu"\n'
         "settle_s = 0.2\nscan_interval_s = 0.3\n[params]\nq = 50\np = 10\nbatch_size = 8\nmax_length = 32\n"
     )
@@ -111,18 +117,47 @@ def neuron_slices(tensors: dict[str, torch.Tensor], n: NeuronId) -> list[torch.T
     ]
 
 
+@contextlib.contextmanager
+def running_daemon(cfg: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `fgsn run` subprocess; SIGTERM on exit, which must stop it cleanly (exit 0)."""
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        try:
+            yield daemon
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                code = daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                raise
+        assert code == 0, log_path.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory) -> dict[str, Path]:
     return make_trio(tmp_path_factory.mktemp("trio"), "llama")
 
 
-def run_once(root: Path, trio, names: list[str], state: str, env: dict[str, str] | None = None):
+def run_once(
+    root: Path,
+    trio,
+    names: list[str],
+    state: str,
+    env: dict[str, str] | None = None,
+    database_url: str | None = None,
+):
     policy = root / f"policies-{state}"
     policy.mkdir(exist_ok=True)
     for name in names:
         if not (policy / name).exists():
             write_dimension(policy, name, DIMENSIONS[name])
-    cfg = write_config(root, trio, policy, root / state)
+    cfg = write_config(root, trio, policy, root / state, database_url)
     time.sleep(0.3)  # past the settle period
     return fgsn("run", "--once", "--config", str(cfg), env=env), root / state
 
@@ -139,14 +174,7 @@ def test_daemon_applies_dimensions_in_order_freezes_and_rolls_back(trio, tmp_pat
     policy, state = tmp_path / "policies", tmp_path / "state"
     policy.mkdir()
     cfg = write_config(tmp_path, trio, policy, state)
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
+    with running_daemon(cfg, tmp_path / "daemon.log"):
         wait_for(lambda: (state / "current").exists(), what="the initial version")
         second = fgsn("run", "--once", "--config", str(cfg))
         assert second.returncode == 2 and "already running" in second.stderr
@@ -212,14 +240,6 @@ def test_daemon_applies_dimensions_in_order_freezes_and_rolls_back(trio, tmp_pat
         now = current_tensors(state)
         assert now.keys() == from_scratch_a_c.keys()
         assert all(torch.equal(now[k], from_scratch_a_c[k]) for k in now)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.log").read_text()[-3000:]
-        finally:
-            if daemon.poll() is None:
-                daemon.kill()
-            log.close()
 
 
 @pytest.mark.parametrize("point", ["after_scoring", "before_build", "after_build", "after_commit"])
@@ -306,14 +326,7 @@ def test_a_model_path_that_disappears_is_reported_and_waited_for(trio, tmp_path)
     policy, state = tmp_path / "policies", tmp_path / "state"
     policy.mkdir()
     cfg = write_config(tmp_path, copy, policy, state)
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
+    with running_daemon(cfg, tmp_path / "daemon.log") as daemon:
         wait_for(lambda: (state / "current").exists(), what="the initial version")
         os.rename(copy["finetuned"], tmp_path / "models" / "moved")
         write_dimension(policy, "a_cyber", DIMENSIONS["a_cyber"])
@@ -330,7 +343,19 @@ def test_a_model_path_that_disappears_is_reported_and_waited_for(trio, tmp_path)
             lambda: status_of(state, "a_cyber") == "applied", what="a_cyber applied once the model is back"
         )
         assert "model path(s) missing" in (tmp_path / "daemon.log").read_text()
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        log.close()
+
+
+def test_rollback_without_a_running_daemon_on_each_database(trio, tmp_path, registry_url, from_scratch_a_c):
+    proc, state = run_once(tmp_path, trio, list(DIMENSIONS), "state", database_url=registry_url)
+    assert proc.returncode == 0, proc.stderr
+    cfg = tmp_path / "fgsn-state.toml"
+    listed = fgsn("dimensions", "--json", "--config", str(cfg), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert {d["name"] for d in json.loads(listed.stdout)} == set(DIMENSIONS)
+    rolled = fgsn("rollback", "b_weapons", "--config", str(cfg))
+    assert rolled.returncode == 0, rolled.stderr
+    assert "queued" not in rolled.stdout  # no daemon: the command did it itself
+    now = current_tensors(state)
+    assert all(torch.equal(now[k], from_scratch_a_c[k]) for k in now)
+    again = fgsn("rollback", "b_weapons", "--config", str(cfg))
+    assert again.returncode == 2 and "no applied revision" in again.stderr
