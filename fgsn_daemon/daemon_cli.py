@@ -59,6 +59,36 @@ def _fail(message: str) -> None:
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
     app.command("rollback")(rollback)
+    app.command("demo")(demo)
+
+
+def demo(
+    model: Annotated[
+        str, typer.Option(help="lab trio: tiny (built in minutes) or smollm2 (real 135M model)")
+    ] = "tiny",
+    out: Annotated[Path, typer.Option(help="output folder: state, report.html, report.json")] = Path(
+        "fgsn-demo"
+    ),
+    max_prompts: Annotated[int, typer.Option(help="held-out prompts per evaluation set")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Build (or reuse) a lab trio, run the daemon once over its policies, evaluate before and after."""
+    from fgsn_daemon.demo import format_table, run_demo
+
+    setup_logging(False)
+    try:
+        report = run_demo(
+            out,
+            model=model,
+            max_prompts=max_prompts,
+            device=device,
+            progress=lambda m: typer.echo(f"... {m}", err=True),
+        )
+    except FGSNError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(format_table(report))
+    typer.echo(f"\nreport: {out / 'report.html'} ({report.seconds:.0f} s)")
 
 
 def run(
