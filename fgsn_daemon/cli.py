@@ -22,6 +22,9 @@ def _register_subcommands() -> None:
     from fgsn_daemon.daemon_cli import register as register_daemon_commands
 
     register_daemon_commands(app)
+    from fgsn_daemon.lab_cli import register as register_lab_commands
+
+    register_lab_commands(app)
 
 
 @app.callback()

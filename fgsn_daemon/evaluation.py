@@ -269,11 +269,17 @@ def evaluate_loaded(
         chosen = list(prompts)[:max_prompts]
         return chosen, generate_responses(model, tokenizer, chosen, max_new_tokens, batch_size)
 
+    def refusals(prompts: list[str], responses: list[str]) -> list[bool]:
+        verdicts = [bool(v) for v in judge.judge(prompts, responses)]
+        if len(verdicts) != len(prompts):  # a plugged-in judge must answer every prompt
+            raise ValueError(f"judge returned {len(verdicts)} verdicts for {len(prompts)} prompts")
+        return verdicts
+
     dims: dict[str, DimensionResult] = {}
     pooled: list[bool] = []
     for dim, prompts in harmful.items():
         chosen, responses = run(prompts)
-        refused = judge.judge(chosen, responses)
+        refused = refusals(chosen, responses)
         pooled += refused
         dims[dim] = DimensionResult(
             n=len(chosen),
@@ -284,7 +290,7 @@ def evaluate_loaded(
     over = None
     if benign:
         chosen, responses = run(benign)
-        refused = judge.judge(chosen, responses)
+        refused = refusals(chosen, responses)
         over = RateResult(
             n=len(chosen),
             hits=sum(refused),

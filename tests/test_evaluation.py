@@ -156,3 +156,16 @@ def test_evaluate_loaded_with_a_plugged_judge(tiny_random: tuple[object, object]
     assert report.utility is not None and report.utility.n == 1
     again = EvalReport.model_validate_json(report.to_json())
     assert again == report
+
+
+class _Unnamed:
+    def judge(self, prompts: list[str], responses: list[str]) -> list[bool]:
+        return [False]  # deliberately the wrong length
+
+
+def test_a_judge_must_answer_every_prompt(tiny_random: tuple[object, object]) -> None:
+    model, tok = tiny_random
+    one = evaluate_loaded(model, tok, {"fraud": ["a"]}, judge=_Unnamed(), max_new_tokens=1)
+    assert one.judge == "_Unnamed" and one.dimensions["fraud"].asr == 1.0
+    with pytest.raises(ValueError, match="1 verdicts for 2 prompts"):
+        evaluate_loaded(model, tok, {"fraud": ["a", "b"]}, judge=_Unnamed(), max_new_tokens=1)
