@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from fgsn_daemon.architectures import ArchitectureSpec
 from fgsn_daemon.errors import CheckpointError
@@ -263,8 +265,10 @@ def collect_stats(
     tokenizer.truncation_side = "left"  # keep the end of long prompts: the last token matters
     start = stats.prompts_seen
     batches_since_save = 0
+    starts = range(start, len(texts), batch_size)
+    bar = tqdm(starts, desc="forward passes", unit="batch", leave=False, disable=not sys.stderr.isatty())
     with _hooks(handles):
-        for lo in range(start, len(texts), batch_size):
+        for lo in bar:
             batch = texts[lo : lo + batch_size]
             enc = tokenizer(
                 batch,
