@@ -9,8 +9,9 @@ becomes one atomic step. The daemon is the only writer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any, cast
 
@@ -209,12 +210,12 @@ class StatusInfo(_View):
 # ---------------------------------------------------------------- queries
 
 
-class _Queries:
+class _Queries(ABC):
     """Read queries, shared by the reader (fresh transaction) and the writer (its own transaction)."""
 
-    @contextmanager
-    def _reading(self) -> Iterator[Session]:
-        raise NotImplementedError
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[Session]:
+        """A session to read from: a fresh transaction, or the writer's own."""
 
     def lineages(self) -> list[LineageInfo]:
         with self._reading() as s:
