@@ -68,14 +68,22 @@ if [[ ! -f "$DATA/PG_VERSION" ]]; then
     rm -f "$pwfile"
 fi
 
-if as_server "$BINDIR/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+ready() { as_server "$BINDIR/pg_isready" -h "$DATA" -p "$PG_PORT" -q; }
+if ready; then
     log "server already running on $DATA"
 else
-    log "starting server on 127.0.0.1:$PG_PORT"
-    # Sockets in the data dir: /var/run/postgresql may not exist or be writable.
-    as_server "$BINDIR/pg_ctl" -D "$DATA" -l "$PG_DIR/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$DATA -c fsync=off" \
-        start >&2
+    # A server killed with its session can leave a stale postmaster.pid, or still be exiting:
+    # retry the start a few times rather than trusting `pg_ctl status`.
+    for attempt in 1 2 3 4 5; do
+        log "starting server on 127.0.0.1:$PG_PORT (attempt $attempt)"
+        if as_server "$BINDIR/pg_ctl" -D "$DATA" -l "$PG_DIR/server.log" -w -t 60 \
+            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$DATA -c fsync=off" \
+            start >&2; then
+            break
+        fi
+        sleep 2
+    done
+    ready || { log "PostgreSQL did not start; see $PG_DIR/server.log"; exit 1; }
 fi
 
 psql_local() { as_server "$BINDIR/psql" -h "$DATA" -p "$PG_PORT" -U "$PG_USER" -d postgres -qtA "$@"; }
