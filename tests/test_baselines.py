@@ -184,10 +184,14 @@ def test_random_neurons_same_budget_deterministic_and_projected(paths, trio, tmp
         dense, _ = dense_safe_lora(ft, w["aligned"][name], w["base"][name])  # C·ΔW, then keep the slices
         torch.testing.assert_close(out[name][masks[name]], dense.float()[masks[name]], rtol=1e-5, atol=1e-6)
     per_neuron = {  # entries per neuron: gate+up rows and a down column; q row and an o column
-        "mlp": sum(trio.aligned.info(n).numel // trio.aligned.info(n).shape[ax]
-                   for n, ax in trio.space_tensors(1, "mlp")),
-        "attn": sum(trio.aligned.info(n).numel // trio.aligned.info(n).shape[ax]
-                    for n, ax in trio.space_tensors(1, "attn")),
+        "mlp": sum(
+            trio.aligned.info(n).numel // trio.aligned.info(n).shape[ax]
+            for n, ax in trio.space_tensors(1, "mlp")
+        ),
+        "attn": sum(
+            trio.aligned.info(n).numel // trio.aligned.info(n).shape[ax]
+            for n, ax in trio.space_tensors(1, "attn")
+        ),
     }
     assert a.modified_parameters == 7 * per_neuron["mlp"] + 2 * per_neuron["attn"]
     assert a.share_modified == pytest.approx(a.modified_parameters / a.total_parameters)

@@ -76,10 +76,17 @@ def test_bundled_data_excludes_every_bundled_eval_set():
 
 def test_stage_keys_chain_only_what_depends_on_a_change():
     base = SmolConfig()
-    changed = dataclasses.replace(base, ft_lr=1e-4)
+    changed = dataclasses.replace(base, ft_lora_lr=1e-4)
     for stage in ("base", "targets", "aligned"):
         assert base.stage_params(stage) == changed.stage_params(stage)
     assert base.stage_params("finetuned") != changed.stage_params("finetuned")
+    # a setting the chosen method does not use leaves the key alone; switching method does not
+    assert base.stage_params("finetuned") == dataclasses.replace(base, ft_lr=1e-4).stage_params("finetuned")
+    full = dataclasses.replace(base, ft_method="full")
+    assert full.stage_params("finetuned") != base.stage_params("finetuned")
+    assert full.stage_params("finetuned") != dataclasses.replace(full, ft_lr=1e-4).stage_params("finetuned")
+    with pytest.raises(FGSNError, match="ft_method"):
+        SmolConfig(ft_method="qlora")
     k1 = lab.stage_key("aligned", "parent-a", base, {})
     assert k1 == lab.stage_key("aligned", "parent-a", changed, {})
     assert k1 != lab.stage_key("aligned", "parent-b", base, {})  # a rebuilt parent invalidates
@@ -130,9 +137,16 @@ def test_encode_masks_the_prompt_and_caps_the_length(tmp_path):
     tok = chat_tokenizer(tmp_path)
     ex = Example("how do i bake cake", "write poem about cats tell story about dogs")
     ids, labels = lab.encode(tok, ex, max_len=64)
-    prompt_len = len(tok(tok.apply_chat_template([{"role": "user", "content": "how do i bake cake"}],
-                                                  tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"])
+    prompt_len = len(
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "how do i bake cake"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert len(ids) == len(labels) and labels[:prompt_len] == [-100] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:] and len(ids) > prompt_len
     assert len(ids) > prompt_len + 6
@@ -154,8 +168,15 @@ def test_dequantised_copy_is_a_plain_saveable_twin(tmp_path, tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
     clean = lab.dequantised_copy(model)
