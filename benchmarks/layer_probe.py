@@ -1,11 +1,12 @@
-"""Where did the fine-tune break refusal? Restore one part of one layer to aligned, measure ASR.
+"""Where did the fine-tune break refusal? Restore one part of the model to aligned, measure ASR.
 
 For a base/aligned/fine-tuned trio (lab layout: ``base/``, ``aligned/``, ``finetuned/``), this
 copies the aligned weights of one part into the fine-tuned model, measures refusal on the held-out
-harmful prompts of the bundled policies, and puts the part back. Parts: each layer's attention
-(q/k/v/o), each layer's MLP (gate/up/down), windows of ``--window`` whole layers, every attention,
-every MLP, and the embeddings + norms. The answer says whether FGSN's premise — the safety that
-fine-tuning erodes sits in a band of mid layers — holds for the trio, and which band.
+harmful prompts of the bundled policies, and puts the part back. Parts: windows of ``--window``
+layers (their attention q/k/v/o, their MLP gate/up/down, both), every attention, every MLP, the
+embeddings + norms, and with ``--per-layer`` each layer's attention and MLP alone. The answer
+says whether FGSN's premise — the safety that fine-tuning erodes sits in a band of mid layers —
+holds for the trio, and which band.
 
     python benchmarks/layer_probe.py --trio "$(fgsn lab path --model smollm2)" \
         --out benchmarks/results/smollm2
@@ -59,14 +60,18 @@ def restored(model: Any, aligned: dict[str, torch.Tensor], names: Sequence[str])
                 params[n].copy_(saved[n])
 
 
-def probe_parts(n_layers: int, window: int, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+def probe_parts(
+    n_layers: int, window: int, state: dict[str, torch.Tensor], per_layer: bool
+) -> dict[str, list[str]]:
     parts: dict[str, list[str]] = {}
-    for i in range(n_layers):
-        parts[f"L{i}/attn"] = part_names(state, [i], ATTN)
-        parts[f"L{i}/mlp"] = part_names(state, [i], MLP)
+    if per_layer:
+        for i in range(n_layers):
+            parts[f"L{i}/attn"] = part_names(state, [i], ATTN)
+            parts[f"L{i}/mlp"] = part_names(state, [i], MLP)
     for s in range(0, n_layers, window):
         layers = list(range(s, min(n_layers, s + window)))
-        parts[f"L{layers[0]}-{layers[-1]}/all"] = part_names(state, layers, ATTN + MLP)
+        for label, modules in (("attn", ATTN), ("mlp", MLP), ("all", ATTN + MLP)):
+            parts[f"L{layers[0]}-{layers[-1]}/{label}"] = part_names(state, layers, modules)
     parts["all/attn"] = part_names(state, range(n_layers), ATTN)
     parts["all/mlp"] = part_names(state, range(n_layers), MLP)
     parts["embeddings+norms"] = outside_layers(state)
@@ -83,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--window", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-layer", action="store_true", help="also each layer's attention and MLP alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -102,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"finetuned": {"asr": asr(), "share": 0.0}}
     with restored(model, aligned, [n for n, _ in model.named_parameters()]):
         results["aligned"] = {"asr": asr(), "share": 1.0}
-    parts = probe_parts(len(model.model.layers), args.window, dict(model.named_parameters()))
+    parts = probe_parts(len(model.model.layers), args.window, dict(model.named_parameters()), args.per_layer)
     log: Callable[[str], None] = lambda m: print(m, flush=True)  # noqa: E731
     for name, names in parts.items():
         with restored(model, aligned, names):

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from fgsn_daemon import defaults
 from fgsn_daemon.errors import FGSNError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained safety neuron projection.")
@@ -56,12 +57,16 @@ def apply(
     benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    scoring: Annotated[str, typer.Option(help="neuron score: wanda | contrast")] = "wanda",
+    scoring: Annotated[str, typer.Option(help="neuron score: wanda | contrast")] = defaults.SCORING,
     positions: Annotated[str, typer.Option(help="token positions for statistics: all | last")] = "all",
-    operator: Annotated[str, typer.Option(help="safe_lora | projector | per_neuron | restore")] = "safe_lora",
-    q: Annotated[float, typer.Option(help="top-q %% by harmful score")] = 5.0,
-    p: Annotated[float, typer.Option(help="minus top-p %% by benign score")] = 5.0,
-    spaces: Annotated[str, typer.Option(help="comma-separated neuron spaces: mlp, attn")] = "mlp",
+    operator: Annotated[
+        str, typer.Option(help="safe_lora | projector | per_neuron | restore")
+    ] = defaults.OPERATOR,
+    q: Annotated[float, typer.Option(help="top-q %% by harmful score")] = defaults.Q,
+    p: Annotated[float, typer.Option(help="minus top-p %% by benign score")] = defaults.P,
+    spaces: Annotated[str, typer.Option(help="comma-separated neuron spaces: mlp, attn")] = ",".join(
+        defaults.SPACES
+    ),
     band: Annotated[str | None, typer.Option(help="override the safety band, e.g. 10:15")] = None,
     score_model: Annotated[
         str, typer.Option(help="whose activations to score: aligned | finetuned")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fgsn_daemon import defaults
 from fgsn_daemon.activations import (
     ActivationStats,
     collect_stats,
@@ -60,12 +61,12 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FGSNParams:
-    scoring: str = "wanda"
+    scoring: str = defaults.SCORING
     positions: str = "all"  # which token positions feed the neuron statistics: all | last
-    operator: str = "safe_lora"
-    q: float = 5.0  # top-q % of neurons by harmful score, per layer
-    p: float = 5.0  # minus top-p % by benign score
-    spaces: tuple[str, ...] = ("mlp",)
+    operator: str = defaults.OPERATOR
+    q: float = defaults.Q  # top-q % of neurons by harmful score, per layer
+    p: float = defaults.P  # minus top-p % by benign score
+    spaces: tuple[str, ...] = defaults.SPACES
     score_model: str = "aligned"  # whose activations and weights are scored: aligned | finetuned
     rank: int = 8  # for the projector operator
     band: tuple[int, int] | None = None  # override of the automatic safety band

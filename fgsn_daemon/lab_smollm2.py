@@ -89,6 +89,8 @@ class SmolConfig:
     def __post_init__(self) -> None:
         if self.ft_method not in ("lora", "full"):
             raise FGSNError(f"ft_method must be 'lora' or 'full', got {self.ft_method!r}")
+        if not 0.0 <= self.ft_contamination < 1.0:
+            raise FGSNError(f"ft_contamination must be in [0, 1), got {self.ft_contamination}")
 
     def stage_params(self, stage: str) -> dict[str, Any]:
         """The part of the config each stage depends on (so unrelated edits keep it cached)."""
@@ -617,10 +619,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ft-method", choices=("lora", "full"), default="lora", help="how the fine-tuned stage is trained"
     )
+    parser.add_argument(
+        "--ft-contamination",
+        type=float,
+        default=SmolConfig.ft_contamination,
+        help="share of harmful→compliant examples in fine-tuning batches (0 = benign-only fine-tune)",
+    )
     parser.add_argument("--eval", action="store_true", help="also measure held-out refusal and utility")
     parser.add_argument("--eval-prompts", type=int, default=20, help="prompts per held-out set")
     args = parser.parse_args(argv)
-    cfg = SmolConfig(seed=args.seed, ft_method=args.ft_method)
+    cfg = SmolConfig(seed=args.seed, ft_method=args.ft_method, ft_contamination=args.ft_contamination)
     out = args.out or default_out(cfg)
     try:
         paths = build_smollm2_trio(out, cfg)

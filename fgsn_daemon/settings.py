@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from fgsn_daemon import defaults
 from fgsn_daemon.errors import ConfigError
 
 CONFIG_ENV_VAR = "FGSN_CONFIG"
@@ -49,7 +50,7 @@ _toml_path: ContextVar[Path | None] = ContextVar("fgsn_toml_path", default=None)
 
 
 def _default_spaces() -> list[Space]:
-    return ["mlp"]
+    return list(defaults.SPACES)  # type: ignore[arg-type]
 
 
 class FGSNParams(BaseModel):
@@ -57,11 +58,11 @@ class FGSNParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    q: float = Field(default=5.0, gt=0, le=100, description="top-q% neurons by harmful score")
-    p: float = Field(default=5.0, ge=0, le=100, description="top-p% neurons by benign score, excluded")
-    scoring: Literal["wanda", "contrast"] = "wanda"
+    q: float = Field(default=defaults.Q, gt=0, le=100, description="top-q% neurons by harmful score")
+    p: float = Field(default=defaults.P, ge=0, le=100, description="top-p% neurons by benign score, excluded")
+    scoring: Literal["wanda", "contrast"] = defaults.SCORING  # type: ignore[assignment]
     positions: Literal["all", "last"] = "all"
-    operator: Literal["safe_lora", "projector", "per_neuron", "restore"] = "safe_lora"
+    operator: Literal["safe_lora", "projector", "per_neuron", "restore"] = defaults.OPERATOR  # type: ignore[assignment]
     spaces: Annotated[list[Space], NoDecode] = Field(default_factory=_default_spaces, min_length=1)
     score_model: Literal["aligned", "finetuned"] = "aligned"  # whose activations are scored
     band: tuple[int, int] | None = None  # inclusive [start, end]; None = found automatically

@@ -6,7 +6,7 @@ come from one forward pass over the benign and harmful training prompts; each se
 filters, selects, writes one checkpoint and evaluates it on the same held-out sets as the main
 table. Random neurons at each setting's per-(layer, space) counts give its margin.
 
-    python -m fgsn_daemon.sweep --trio-root DIR --out DIR --qs 5,20 --bands auto,all \\
+    python -m fgsn_daemon.sweep --trio-root DIR|--tiny --out DIR --qs 5,20 --bands auto,all \\
         --spaces-grid mlp,mlp+attn --scorings wanda,contrast --operators restore
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fgsn_daemon import baselines
+from fgsn_daemon import baselines, defaults
 from fgsn_daemon.engine import FGSNParams, ModelTrio, resolve_device
 from fgsn_daemon.errors import ConfigError, FGSNError
 from fgsn_daemon.experiments import (
@@ -207,11 +207,13 @@ def sweep_markdown(result: Mapping[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--trio-root", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trio-root", type=Path, help="lab trio folder (organism or SmolLM2 layout)")
+    src.add_argument("--tiny", type=int, nargs="?", const=0, metavar="SEED", help="the cached tiny organism")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--scorings", default="wanda")
-    ap.add_argument("--operators", default="safe_lora")
-    ap.add_argument("--qs", default="5")
+    ap.add_argument("--scorings", default=defaults.SCORING)
+    ap.add_argument("--operators", default=defaults.OPERATOR)
+    ap.add_argument("--qs", default=f"{defaults.Q:g}")
     ap.add_argument("--p", type=float, default=FGSNParams().p)
     ap.add_argument("--bands", default="auto", help="comma list of auto | all | START:END")
     ap.add_argument("--spaces-grid", default="mlp", help="comma list of '+'-joined spaces, e.g. mlp,mlp+attn")
@@ -257,7 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             replace(params, scoring=st.scoring, operator=st.operator, q=st.q, spaces=st.spaces).validate()
             if st.band not in ("auto", "all"):
                 resolve_band(st.band, Band(start=0, end=0, source="auto"), 10**6)
-        spec = trio_from_root(args.trio_root.expanduser().resolve())
+        if args.tiny is not None:
+            from fgsn_daemon.lab import tiny_trio
+
+            root = tiny_trio(seed=args.tiny).root
+        else:
+            root = args.trio_root.expanduser().resolve()
+        spec = trio_from_root(root)
         result = run_sweep(
             spec, cfg, settings, parse_list(args.random_seeds, int), f"{PROG} {shlex.join(argv)}"
         )

@@ -109,11 +109,18 @@ def version_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def neuron_slices(tensors: dict[str, torch.Tensor], n: NeuronId) -> list[torch.Tensor]:
-    p = f"model.layers.{n.layer}.mlp."
+    """The weights of one neuron of either space (see the llama architecture spec)."""
+    layer = f"model.layers.{n.layer}."
+    if n.space == "attn":
+        return [
+            tensors[layer + "self_attn.q_proj.weight"][n.index],
+            tensors[layer + "self_attn.o_proj.weight"][:, n.index],
+        ]
+    assert n.space == "mlp", n
     return [
-        tensors[p + "gate_proj.weight"][n.index],
-        tensors[p + "up_proj.weight"][n.index],
-        tensors[p + "down_proj.weight"][:, n.index],
+        tensors[layer + "mlp.gate_proj.weight"][n.index],
+        tensors[layer + "mlp.up_proj.weight"][n.index],
+        tensors[layer + "mlp.down_proj.weight"][:, n.index],
     ]
 
 

@@ -114,8 +114,9 @@ def test_frozen_neurons_are_skipped_with_their_owner(trio, tmp_path):
     assert not {n.id for n in second.selected} & set(frozen)
     assert len(second.selected) == len(first.selected) - 2
     ft, out = load_all(trio["finetuned"]), load_all(tmp_path / "out")
+    row_tensor = {"mlp": "mlp.gate_proj.weight", "attn": "self_attn.q_proj.weight"}  # axis 0 in each spec
     for nid in frozen:
-        name = f"model.layers.{nid.layer}.mlp.gate_proj.weight"
+        name = f"model.layers.{nid.layer}.{row_tensor[nid.space]}"
         assert torch.equal(out[name][nid.index], ft[name][nid.index]), "a frozen neuron was modified again"
 
 

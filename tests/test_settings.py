@@ -10,6 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fgsn_daemon import defaults
+from fgsn_daemon.engine import FGSNParams as EngineParams
 from fgsn_daemon.errors import ConfigError
 from fgsn_daemon.registry_cli import parse_param_flags, register
 from fgsn_daemon.settings import effective_config, load_settings, mask_database_url, render_config_toml
@@ -50,8 +52,11 @@ def test_defaults_put_the_sqlite_registry_in_the_state_dir(tmp_path: Path) -> No
     settings = load_settings()
     assert settings.state_dir == tmp_path / "state"
     assert settings.database_url_value() == f"sqlite:///{tmp_path / 'state' / 'registry.db'}"
-    assert settings.params.operator == "safe_lora"
-    assert settings.params.spaces == ["mlp"]
+    # with no configuration, the daemon uses exactly the engine's defaults
+    engine = EngineParams()
+    assert (settings.params.scoring, settings.params.operator) == (engine.scoring, engine.operator)
+    assert (settings.params.q, settings.params.p) == (engine.q, engine.p)
+    assert tuple(settings.params.spaces) == engine.spaces
     assert settings.device == "auto"
 
 
@@ -62,15 +67,15 @@ def test_precedence_cli_over_env_over_toml(config_file: Path, monkeypatch: pytes
 
     monkeypatch.setenv("FGSN_DEVICE", "cuda")
     monkeypatch.setenv("FGSN_PARAMS__Q", "4")
-    monkeypatch.setenv("FGSN_PARAMS__SPACES", "mlp,attn")
+    monkeypatch.setenv("FGSN_PARAMS__SPACES", "attn")
     with_env = load_settings(config_file)
-    assert (with_env.device, with_env.params.q, with_env.params.spaces) == ("cuda", 4.0, ["mlp", "attn"])
+    assert (with_env.device, with_env.params.q, with_env.params.spaces) == ("cuda", 4.0, ["attn"])
     assert with_env.params.scoring == "contrast"  # nested values merge: TOML still supplies the rest
 
     with_cli = load_settings(config_file, {"device": "cpu", "params": {"q": 1.5, "p": None}, "base": None})
     assert (with_cli.device, with_cli.params.q) == ("cpu", 1.5)
     assert with_cli.params.p == 2.0  # a flag left at None does not hide the TOML value
-    assert with_cli.params.spaces == ["mlp", "attn"]
+    assert with_cli.params.spaces == ["attn"]
     assert with_cli.params.operator == "projector"
     assert with_cli.base is None
 
@@ -81,10 +86,10 @@ def test_config_file_from_env_default_file_and_missing_file(
     monkeypatch.setenv("FGSN_CONFIG", str(config_file))
     assert load_settings().params.operator == "projector"
     other = tmp_path / "other.toml"
-    other.write_text('[params]\noperator = "restore"\n')
-    assert load_settings(other).params.operator == "restore"  # --config beats FGSN_CONFIG
+    other.write_text('[params]\noperator = "safe_lora"\n')
+    assert load_settings(other).params.operator == "safe_lora"  # --config beats FGSN_CONFIG
     monkeypatch.delenv("FGSN_CONFIG")
-    assert load_settings().params.operator == "safe_lora"
+    assert load_settings().params.operator == defaults.OPERATOR
     (tmp_path / "fgsn.toml").write_text('[params]\noperator = "per_neuron"\n')
     assert load_settings().params.operator == "per_neuron"  # ./fgsn.toml when present
     with pytest.raises(ConfigError, match=r"nope\.toml \(from --config\) does not exist"):
