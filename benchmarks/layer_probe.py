@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()  # noqa: E731
     tok = AutoTokenizer.from_pretrained(str(args.trio / "finetuned"))
     model = load(args.trio / "finetuned")
-    aligned = {k: v.detach().clone() for k, v in load(args.trio / "aligned").state_dict().items()}
+    aligned = {k: v.detach() for k, v in load(args.trio / "aligned").state_dict().items()}
     total = sum(p.numel() for p in model.parameters())
     sets = load_policy_eval_sets(bundled_policies_dir())
 

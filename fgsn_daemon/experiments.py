@@ -1108,15 +1108,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_trio(args: argparse.Namespace) -> TrioSpec:
-    if args.tiny is not None:
+def root_spec(tiny: int | None, trio_root: Path | None) -> TrioSpec | None:
+    """The trio named by ``--tiny [SEED]`` (built or reused) or ``--trio-root``, if either is given."""
+    if tiny is not None:
         from fgsn_daemon.lab import tiny_trio
 
-        spec = trio_from_root(tiny_trio(seed=args.tiny).root)
-    elif args.trio_root is not None:
-        spec = trio_from_root(args.trio_root.expanduser().resolve())
-    else:
-        spec = None
+        return trio_from_root(tiny_trio(seed=tiny).root)
+    if trio_root is not None:
+        return trio_from_root(trio_root.expanduser().resolve())
+    return None
+
+
+def resolve_trio(args: argparse.Namespace) -> TrioSpec:
+    spec = root_spec(args.tiny, args.trio_root)
     overrides = {k: getattr(args, k) for k in asdict(spec or TrioSpec(*[Path()] * 7)) if getattr(args, k)}
     if spec is None:
         missing = [k for k in TrioSpec.__dataclass_fields__ if k not in overrides]

@@ -44,7 +44,7 @@ from fgsn_daemon.experiments import (
     pooled_harmful_stats,
     reference_row,
     release_model,
-    trio_from_root,
+    root_spec,
     trio_manifest,
 )
 from fgsn_daemon.localisation import NeuronScores, group_by_layer_space, select_neurons
@@ -259,13 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             replace(params, scoring=st.scoring, operator=st.operator, q=st.q, spaces=st.spaces).validate()
             if st.band not in ("auto", "all"):
                 resolve_band(st.band, Band(start=0, end=0, source="auto"), 10**6)
-        if args.tiny is not None:
-            from fgsn_daemon.lab import tiny_trio
-
-            root = tiny_trio(seed=args.tiny).root
-        else:
-            root = args.trio_root.expanduser().resolve()
-        spec = trio_from_root(root)
+        spec = root_spec(args.tiny, args.trio_root)
+        assert spec is not None  # the parser requires --trio-root or --tiny
         result = run_sweep(
             spec, cfg, settings, parse_list(args.random_seeds, int), f"{PROG} {shlex.join(argv)}"
         )

@@ -220,8 +220,9 @@ def test_real_gguf_clean_copy_matches_gguf_model():
         assert torch.equal(clean(input_ids=ids).logits, gguf_model.eval()(input_ids=ids).logits)
 
 
-def tiny_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Swap the GGUF for a tiny random Llama with a chat template; returns the build's log."""
+@pytest.fixture
+def tiny_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swap the GGUF for a tiny random Llama with a chat template."""
     from helpers import config_for
     from transformers import LlamaForCausalLM
 
@@ -234,7 +235,6 @@ def tiny_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return LlamaForCausalLM(config_for("llama")).eval(), chat_tokenizer(tmp_path / "tok")
 
     monkeypatch.setattr(lab, "load_gguf", load_tiny)
-    return []
 
 
 def tiny_cfg(**kw) -> SmolConfig:
@@ -243,10 +243,10 @@ def tiny_cfg(**kw) -> SmolConfig:
     return SmolConfig(**{**small, **steps, **kw})
 
 
-def test_lora_pipeline_keeps_an_adapter_the_engine_reads_as_the_merged_model(tmp_path, monkeypatch):
+def test_lora_pipeline_keeps_an_adapter_the_engine_reads_as_the_merged_model(tmp_path, tiny_gguf):
     from fgsn_daemon.checkpoint import Checkpoint, open_finetuned
 
-    log = tiny_pipeline(tmp_path, monkeypatch)
+    log: list[str] = []
     paths = lab.build_smollm2_trio(tmp_path / "trio", tiny_cfg(), log=log.append)
     aligned, merged = Checkpoint(paths.aligned), Checkpoint(paths.finetuned)
     adapter = open_finetuned(paths.finetuned / lab.LORA_DIR, aligned)

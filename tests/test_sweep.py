@@ -3,26 +3,15 @@ budget grows with q, random neurons match each setting's counts, and bad setting
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from test_experiments import write_inputs
+from test_experiments import one_thread, write_inputs  # noqa: F401  (one_thread: autouse fixture)
 
 from fgsn_daemon.experiments import HarnessConfig, TrioSpec
 from fgsn_daemon.records import Band
 from fgsn_daemon.sweep import Setting, main, resolve_band, run_sweep, sweep_markdown
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SETTINGS = [
     Setting("contrast", 10.0, "auto", ("mlp",), "restore"),
