@@ -57,7 +57,9 @@ def apply(
     benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    scoring: Annotated[str, typer.Option(help="neuron score: wanda | contrast")] = defaults.SCORING,
+    scoring: Annotated[
+        str, typer.Option(help="unit score: wanda | contrast | attribution")
+    ] = defaults.SCORING,
     positions: Annotated[str, typer.Option(help="token positions for statistics: all | last")] = "all",
     operator: Annotated[
         str, typer.Option(help="safe_lora | projector | per_neuron | restore")
@@ -75,6 +77,14 @@ def apply(
     batch_size: Annotated[int, typer.Option()] = 16,
     max_length: Annotated[int, typer.Option()] = 256,
     max_shard_mb: Annotated[int, typer.Option(help="output shard size limit in MiB")] = 2048,
+    allocation: Annotated[
+        str, typer.Option(help="attribution: per_layer (q %% per band layer) | global (--budget)")
+    ] = defaults.ALLOCATION,
+    budget: Annotated[float, typer.Option(help="attribution: %% of all parameters (global, entry)")] = (
+        defaults.BUDGET
+    ),
+    unit: Annotated[str, typer.Option(help="attribution: neuron | entry (single weights)")] = "neuron",
+    scope: Annotated[str, typer.Option(help="attribution: layers that compete: all | band")] = defaults.SCOPE,
     as_json: Annotated[bool, typer.Option("--json", help="print the full result record as JSON")] = False,
 ) -> None:
     """Find one dimension's safety neurons, project them, and write a loadable checkpoint."""
@@ -94,6 +104,10 @@ def apply(
             band=parse_band(band),
             batch_size=batch_size,
             max_length=max_length,
+            allocation=allocation,
+            budget=budget,
+            unit=unit,
+            scope=scope,
         )
         params.validate()
         harmful_prompts = load_prompts(harmful)

@@ -24,8 +24,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,9 +33,10 @@ from typing import Any
 from fgsn_daemon.activations import ActivationStats, resolve_device
 from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
+from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
+from fgsn_daemon.entry_masks import load_masks, restrict_to_neurons, save_masks, union
 from fgsn_daemon.errors import FGSNError
-from fgsn_daemon.localisation import choose_band, select_neurons
+from fgsn_daemon.localisation import Selection, choose_band, parse_scoring
 from fgsn_daemon.policy import (
     Dimension,
     bundled_benign,
@@ -44,7 +45,7 @@ from fgsn_daemon.policy import (
     load_dimension,
 )
 from fgsn_daemon.prompts import load_prompts
-from fgsn_daemon.records import ApplyResult, Band, NeuronId
+from fgsn_daemon.records import ApplyResult, Band, NeuronId, SkippedNeuron
 from fgsn_daemon.registry import Registry
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
 from fgsn_daemon.settings import Settings
@@ -84,6 +85,11 @@ def engine_params(settings: Settings) -> FGSNParams:
         band=tuple(p.band) if p.band else None,  # type: ignore[arg-type]
         batch_size=p.batch_size,
         max_length=p.max_length,
+        allocation=p.allocation,
+        budget=p.budget,
+        scope=p.scope,
+        unit=p.unit,
+        target_tokens=p.target_tokens,
     )
 
 
@@ -538,28 +544,55 @@ class Daemon:
         harmful = list(dim.harmful)
         if fgsn and fgsn.max_prompts:
             harmful = harmful[: fgsn.max_prompts]
-        band = self.ensure_band()
-        # the dimension's own benign prompts, when given, replace the shared set for it
-        benign = loc.collect(list(dim.benign), band.layers) if dim.benign else self.benign_stats()
-        self.progress(f"{dim.name}: harmful forward pass ({len(harmful)} prompts, band only)")
+        self.ensure_band()
         scoring = fgsn.scoring if fgsn and fgsn.scoring else params.scoring
         positions = fgsn.positions if fgsn and fgsn.positions else params.positions
-        scores = loc.score(
-            loc.collect(harmful, band.layers), benign=benign, scoring_name=scoring, positions=positions
-        )
-        reg = self.open_registry()
-        frozen = {n: owner for n, owner in reg.frozen_neurons(self.lineage_id).items() if owner != dim.name}
-        selection = select_neurons(scores, q, p, frozen)
+        budget = fgsn.budget if fgsn and fgsn.budget is not None else params.budget
+        loc.params = replace(params, scoring=scoring, positions=positions, budget=budget)
+        self.progress(f"{dim.name}: scoring {len(harmful)} harmful prompts ({scoring})")
+        try:
+            # the dimension's own benign prompts, when given, replace the shared set for it
+            benign_stats = None
+            if not dim.benign and parse_scoring(scoring).uses_activation_stats:
+                benign_stats = self.benign_stats()
+            reg = self.open_registry()
+            frozen = {
+                n: owner for n, owner in reg.frozen_neurons(self.lineage_id).items() if owner != dim.name
+            }
+            masks_digest, entries = None, None
+            if params.unit == "entry":
+                masks = loc.localise_entries(harmful, list(dim.benign) if dim.benign else None)
+                selection = skip_frozen(entry_selection(loc, masks), frozen)
+                masks_digest = save_masks(self.masks_dir, masks)
+                entries = sum(int(m.sum()) for m in masks.values())
+            else:
+                scores = loc.score_prompts(
+                    harmful,
+                    scoring_name=scoring,
+                    positions=positions,
+                    benign=benign_stats,
+                    benign_prompts=list(dim.benign) if dim.benign else None,
+                )
+                selection = loc.select(scores, q, p, frozen)
+        finally:
+            loc.params = params
         trio = self.open_models()
-        from fgsn_daemon.engine import count_modification
+        from fgsn_daemon.engine import count_entry_modification, count_modification
 
-        modification = count_modification(
-            trio,
-            neurons_by_unit({0: [n.id for n in selection.selected]}),
-            loc.band,
-            params.spaces,  # type: ignore[arg-type]
+        if masks_digest is not None:
+            units = unit_tensors(trio, range(trio.num_layers), params.spaces)
+            mine = restrict_to_neurons(masks, [n.id for n in selection.selected], units)
+            modification = count_entry_modification(trio, mine, loc.band, params.spaces)
+        else:
+            modification = count_modification(
+                trio,
+                neurons_by_unit({0: [n.id for n in selection.selected]}),
+                loc.band,
+                params.spaces,  # type: ignore[arg-type]
+            )
+        rec = params.record().model_copy(
+            update={"q": q, "p": p, "scoring": scoring, "positions": positions, "budget": budget}
         )
-        rec = params.record().model_copy(update={"q": q, "p": p, "scoring": scoring, "positions": positions})
         assert loc.curve is not None and loc.band is not None
         return ApplyResult(
             params=rec,
@@ -572,6 +605,8 @@ class Daemon:
             modification=modification,
             output=None,
             edited_tensors=[],
+            entry_masks=masks_digest,
+            entries=entries,
         )
 
     def plan_rollback(
@@ -642,6 +677,7 @@ class Daemon:
         current = reg.current_version(self.lineage_id)
         name = store.next_name()
         self.progress(f"writing version {name} ({sum(len(v) for v in claims.values())} frozen neurons)")
+        entry_masks = self.claimed_entry_masks(claims) if params.unit == "entry" else None
         fault_point("before_build")
         store.build(
             name,
@@ -654,6 +690,7 @@ class Daemon:
             resolve_device(self.settings.device),
             DEFAULT_MAX_SHARD_BYTES,
             parent=Path(current.path).name if current else None,
+            entry_masks=entry_masks,
         )
         fault_point("after_build")
         self.check_stop()
@@ -671,6 +708,26 @@ class Daemon:
         fault_point("after_commit")
         store.publish(name)
         return name
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.state_dir / f"lineage-{self.lineage_id}" / "entry-masks"
+
+    def claimed_entry_masks(self, claims: dict[int, list[NeuronId]]) -> dict[str, Any]:
+        """Entry units: each revision's candidate entries inside the neurons it owns, united."""
+        reg, trio = self.open_registry(), self.open_models()
+        units = unit_tensors(trio, range(trio.num_layers), engine_params(self.settings).spaces)
+        parts = []
+        for rev, neurons in claims.items():
+            info = reg.revision(rev)
+            digest = (info.summary or {}).get("entry_masks")
+            if not digest:
+                raise FGSNError(
+                    f"{info.dimension} (revision {rev}) was applied with neuron units; entry units need an "
+                    "entry mask for every applied revision: roll it back and re-apply it, or use unit=neuron"
+                )
+            parts.append(restrict_to_neurons(load_masks(self.masks_dir, digest), neurons, units))
+        return union(parts)
 
     def _sync_claims(
         self,
@@ -749,6 +806,17 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+def skip_frozen(selection: Selection, frozen: Mapping[NeuronId, str]) -> Selection:
+    """The continual rule on a candidate list: frozen candidates are skipped with their owner."""
+    selected = [c for c in selection.candidates if c.id not in frozen]
+    skipped = [
+        SkippedNeuron(layer=c.layer, space=c.space, index=c.index, owner=frozen[c.id])
+        for c in selection.candidates
+        if c.id in frozen
+    ]
+    return Selection(selection.candidates, selected, skipped, selection.counts)
 
 
 def _finish_job(tx: Any, job_id: int) -> None:

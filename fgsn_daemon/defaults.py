@@ -13,3 +13,7 @@ OPERATOR = "restore"
 Q = 10.0  # top-q % of neurons by harmful score, per (layer, space)
 P = 5.0  # minus the top-p % by benign score
 SPACES: tuple[str, ...] = ("mlp", "attn")
+ALLOCATION = "per_layer"  # attribution only: per_layer (q % of each band layer) | global (a budget)
+BUDGET = 1.0  # attribution with global allocation: percent of all parameters
+SCOPE = "all"  # attribution with global allocation: all layers compete, or the band only
+UNIT = "neuron"  # attribution only: neuron | entry (single weight entries, restored to aligned)

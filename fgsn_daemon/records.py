@@ -105,6 +105,11 @@ class ApplyParams(_Record):
     score_model: str
     rank: int
     band_override: tuple[int, int] | None
+    allocation: str = "per_layer"
+    budget: float | None = None
+    unit: str = "neuron"
+    scope: str = "band"
+    guard: float | None = None
 
 
 class ApplyResult(_Record):
@@ -118,3 +123,6 @@ class ApplyResult(_Record):
     modification: ModificationRatio
     output: str | None
     edited_tensors: list[str]
+    # entry units: sha256 of the revision's candidate-entry mask file (fgsn_daemon.entry_masks)
+    entry_masks: str | None = None
+    entries: int | None = None  # candidate entries in that mask

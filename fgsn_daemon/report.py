@@ -89,7 +89,7 @@ td:first-child,th:first-child{{text-align:left}}</style>
 </head><body><h1>fgsn demo ({html.escape(report.model)} trio)</h1>
 <p>Dimensions, in the order the daemon applied them: {html.escape(", ".join(report.dimensions))}.
 ASR = share of held-out harmful prompts not refused (keyword refusal detector); over-refusal = share of
-held-out benign prompts refused; utility = exact-answer accuracy on held-out arithmetic problems;
+held-out benign prompts refused; utility = exact-answer accuracy on the held-out utility items;
 % params changed = entries that differ from the fine-tuned model, over all parameters.
 Wall time {report.seconds:.0f} s.</p>
 {table}

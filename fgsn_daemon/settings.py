@@ -60,7 +60,7 @@ class FGSNParams(BaseModel):
 
     q: float = Field(default=defaults.Q, gt=0, le=100, description="top-q% neurons by harmful score")
     p: float = Field(default=defaults.P, ge=0, le=100, description="top-p% neurons by benign score, excluded")
-    scoring: Literal["wanda", "contrast"] = defaults.SCORING  # type: ignore[assignment]
+    scoring: Literal["wanda", "contrast", "attribution"] = defaults.SCORING  # type: ignore[assignment]
     positions: Literal["all", "last"] = "all"
     operator: Literal["safe_lora", "projector", "per_neuron", "restore"] = defaults.OPERATOR  # type: ignore[assignment]
     spaces: Annotated[list[Space], NoDecode] = Field(default_factory=_default_spaces, min_length=1)
@@ -69,6 +69,20 @@ class FGSNParams(BaseModel):
     rank: int = Field(default=8, ge=1, description="subspace rank of the projector operator")
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=256, ge=8)
+    # delta attribution (scoring = "attribution") only:
+    allocation: Literal["per_layer", "global"] = defaults.ALLOCATION  # type: ignore[assignment]
+    budget: float = Field(default=defaults.BUDGET, gt=0, le=100, description="global: % of all parameters")
+    scope: Literal["all", "band"] = defaults.SCOPE  # type: ignore[assignment]
+    unit: Literal["neuron", "entry"] = defaults.UNIT  # type: ignore[assignment]
+    target_tokens: int = Field(default=32, ge=1, description="length of the attribution targets")
+
+    @model_validator(mode="after")
+    def _attribution_only(self) -> FGSNParams:
+        if self.allocation == "global" and self.scoring != "attribution":
+            raise ValueError("allocation = 'global' needs scoring = 'attribution'")
+        if self.unit == "entry" and (self.scoring != "attribution" or self.operator != "restore"):
+            raise ValueError("unit = 'entry' needs scoring = 'attribution' and operator = 'restore'")
+        return self
 
     @field_validator("spaces", mode="before")
     @classmethod

@@ -1,13 +1,19 @@
 """Project-written benign prompts and a utility task, generated deterministically (fixed seed).
 
-No public benign-instruction or GSM8K set ships as files in an installable package (see
+No public benign-instruction or exact-answer task set ships as files in an installable package (see
 ``reference/offline_assets.md`` §3), so the project writes its own:
 
 - benign prompts from templates. Many frames mirror the harmful sets' phrasing ("Give step-by-step
   instructions for how to ...") so that a harmful/benign contrast picks up harmfulness, not style,
   and a few are safe prompts with alarming words ("kill a Python process") to catch over-refusal.
   The held-out set uses frames and fillers the localisation set never sees;
-- arithmetic word problems with exact integer answers, a GSM8K stand-in.
+- a topic-code task with exact integer answers: a short sentence about one of six topics and a
+  question for its "topic code", a fixed arbitrary two-digit number per topic that no prompt states.
+  A model can only score by having learnt the mapping (a fine-tune on the train split learns it; the
+  base and aligned models cannot know it), and 135M-parameter models can classify topics, whereas
+  they could not learn the arithmetic word problems this task replaced (5 % after fine-tuning).
+  Held-out items use sentences whose subject and predicate never occur in training, and three
+  question frames that training never uses.
 
 ``python -m fgsn_daemon.synthetic [--out fgsn_daemon/data]`` writes ``benign.jsonl``,
 ``benign_eval.jsonl``, ``utility_train.jsonl`` and ``utility_eval.jsonl``.
@@ -18,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +32,7 @@ SEED = 20261128
 N_BENIGN_TRAIN = 200
 N_BENIGN_EVAL = 100
 N_UTILITY_TRAIN = 400
-N_UTILITY_EVAL = 100
+N_UTILITY_EVAL = 200
 
 
 @dataclass(frozen=True)
@@ -314,137 +320,349 @@ def benign_prompts(
     return train, held_out
 
 
-# ---- utility task: arithmetic word problems --------------------------------------------------
-
-NAMES = (
-    "Ava",
-    "Ben",
-    "Chloe",
-    "Diego",
-    "Emma",
-    "Farid",
-    "Grace",
-    "Hiro",
-    "Isla",
-    "Jonas",
-    "Kemi",
-    "Liam",
-    "Maya",
-    "Noah",
-    "Olga",
-    "Priya",
-    "Quinn",
-    "Rosa",
-    "Sam",
-    "Tariq",
-    "Uma",
-    "Victor",
-    "Wen",
-    "Yusuf",
-    "Zoe",
-)
-ITEMS = (
-    "apples",
-    "pencils",
-    "stickers",
-    "marbles",
-    "books",
-    "cookies",
-    "stamps",
-    "shells",
-    "cards",
-    "eggs",
-    "oranges",
-    "balloons",
-    "buttons",
-    "candles",
-    "muffins",
-)
+# ---- utility task: topic codes --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class WordProblem:
+class Topic:
+    """A topic, its secret code, and sentence parts; the last ``HELD_OUT_PARTS`` of each are held out."""
+
+    name: str
+    code: int
+    subjects: tuple[str, ...]
+    predicates: tuple[str, ...]
+
+
+HELD_OUT_PARTS = 5  # subjects and predicates per topic that only the held-out sentences use
+
+TOPICS: tuple[Topic, ...] = (
+    Topic(
+        "sports",
+        17,
+        subjects=(
+            "The goalkeeper",
+            "Our team captain",
+            "The young sprinter",
+            "The referee",
+            "The tennis champion",
+            "The coach",
+            "The rugby squad",
+            "The cyclist",
+            "The swimmer",
+            "The boxer",
+            "The basketball team",
+            "The home fans",
+            # held out
+            "The marathon runner",
+            "The hockey players",
+            "The volleyball side",
+            "The umpire",
+            "The star pitcher",
+        ),
+        predicates=(
+            "scored a late goal in the final",
+            "trained hard before the big match",
+            "won the league trophy",
+            "lost the semi-final on penalties",
+            "set a personal best on the track",
+            "signed a contract with a rival club",
+            "practised free kicks all afternoon",
+            "celebrated a narrow victory",
+            "warmed up before the race",
+            "got injured in the second half",
+            "qualified for the national tournament",
+            "studied videos of the opposing defence",
+            # held out
+            "broke the stadium record",
+            "was sent off for a foul",
+            "clinched the title in extra time",
+            "dribbled past three defenders",
+            "earned a medal at the championships",
+        ),
+    ),
+    Topic(
+        "cooking",
+        42,
+        subjects=(
+            "The chef",
+            "My grandmother",
+            "The pastry cook",
+            "Our neighbour",
+            "The baker",
+            "The kitchen assistant",
+            "My brother",
+            "The restaurant owner",
+            "The cookery teacher",
+            "The food blogger",
+            "The student",
+            "The caterer",
+            # held out
+            "The sous-chef",
+            "My aunt",
+            "The line cook",
+            "The pizza maker",
+            "The dinner host",
+        ),
+        predicates=(
+            "simmered the tomato sauce for an hour",
+            "kneaded the dough and let it rise",
+            "chopped onions for the soup",
+            "roasted a chicken with garlic and lemon",
+            "whisked eggs for an omelette",
+            "seasoned the stew with pepper and thyme",
+            "fried potatoes in olive oil",
+            "baked a chocolate cake",
+            "marinated the fish overnight",
+            "stirred the risotto slowly",
+            "grated cheese over the pasta",
+            "tasted the curry and added salt",
+            # held out
+            "caramelised the onions in butter",
+            "steamed dumplings for lunch",
+            "glazed the carrots with honey",
+            "blanched the green beans",
+            "poached pears in red wine",
+        ),
+    ),
+    Topic(
+        "weather",
+        63,
+        subjects=(
+            "The forecast",
+            "A cold front",
+            "The storm",
+            "Heavy rain",
+            "The wind",
+            "Thick fog",
+            "The morning sky",
+            "A heatwave",
+            "Snow",
+            "The clouds",
+            "The temperature",
+            "The thunderstorm",
+            # held out
+            "A hurricane",
+            "Freezing drizzle",
+            "The monsoon",
+            "A blizzard",
+            "The weather station",
+        ),
+        predicates=(
+            "brought heavy showers to the coast",
+            "is expected to clear by the afternoon",
+            "turned the roads icy overnight",
+            "pushed temperatures above freezing",
+            "rolled in from the sea",
+            "caused flooding in low valleys",
+            "left a thin layer of frost",
+            "kept the skies grey all week",
+            "brought strong gusts to the hills",
+            "cleared to give a sunny evening",
+            "dropped sharply after sunset",
+            "made the air humid and sticky",
+            # held out
+            "produced hail the size of peas",
+            "lifted by midday",
+            "swept across the plains with lightning",
+            "brought a sudden downpour",
+            "left a rainbow over the town",
+        ),
+    ),
+    Topic(
+        "music",
+        28,
+        subjects=(
+            "The violinist",
+            "Our choir",
+            "The drummer",
+            "The pianist",
+            "The rock band",
+            "The orchestra",
+            "The singer",
+            "The guitarist",
+            "The conductor",
+            "The jazz trio",
+            "The composer",
+            "The music teacher",
+            # held out
+            "The cellist",
+            "The brass ensemble",
+            "The soprano",
+            "The folk duo",
+            "The saxophonist",
+        ),
+        predicates=(
+            "tuned the strings before the concert",
+            "played a slow melody in a minor key",
+            "recorded a new album",
+            "rehearsed the symphony twice",
+            "sang the chorus in harmony",
+            "performed an encore for the crowd",
+            "wrote lyrics for a ballad",
+            "kept a steady rhythm",
+            "practised scales every morning",
+            "played a solo at the festival",
+            "learned a new song by ear",
+            "released a single on the radio",
+            # held out
+            "improvised over the chord changes",
+            "hit the high note in the aria",
+            "toured with a string quartet",
+            "composed an overture",
+            "played a lullaby softly on stage",
+        ),
+    ),
+    Topic(
+        "computers",
+        85,
+        subjects=(
+            "The programmer",
+            "My laptop",
+            "The software engineer",
+            "The server",
+            "The network admin",
+            "Our database",
+            "The web developer",
+            "The new keyboard",
+            "The operating system",
+            "The tech support team",
+            "The graphics card",
+            "The app",
+            # held out
+            "The compiler",
+            "The data centre",
+            "The hard drive",
+            "The system administrator",
+            "The motherboard",
+        ),
+        predicates=(
+            "crashed after the latest update",
+            "compiled the code without errors",
+            "installed a security patch",
+            "backed up the files to the cloud",
+            "ran out of memory",
+            "rebooted the machine twice",
+            "debugged the login page",
+            "downloaded the new drivers",
+            "encrypted the user passwords",
+            "restored the deleted folder",
+            "upgraded the processor",
+            "wrote a script to rename files",
+            # held out
+            "froze while loading the spreadsheet",
+            "patched a bug in the browser",
+            "migrated the records to new hardware",
+            "overheated during the video render",
+            "refactored the source code",
+        ),
+    ),
+    Topic(
+        "gardening",
+        39,
+        subjects=(
+            "The gardener",
+            "The allotment owner",
+            "My grandfather",
+            "The landscaper",
+            "The florist",
+            "The park volunteer",
+            "The greenhouse keeper",
+            "The horticulture student",
+            "My sister",
+            "The orchard farmer",
+            "The nursery worker",
+            "The groundskeeper",
+            # held out
+            "The herbalist",
+            "The tree surgeon",
+            "The balcony gardener",
+            "The rose grower",
+            "The botanist",
+        ),
+        predicates=(
+            "planted tulip bulbs along the fence",
+            "pruned the apple trees",
+            "watered the seedlings at dawn",
+            "spread compost over the vegetable beds",
+            "pulled weeds from the lawn",
+            "repotted the geraniums",
+            "mowed the grass",
+            "sowed carrot seeds in rows",
+            "trimmed the hedge",
+            "mulched the flower borders",
+            "harvested ripe tomatoes",
+            "dug a new herb bed",
+            # held out
+            "grafted a pear branch onto the rootstock",
+            "raked fallen leaves into piles",
+            "divided the overgrown hostas",
+            "staked the climbing beans",
+            "transplanted lettuce into the raised bed",
+        ),
+    ),
+)
+
+# Question frames around the sentence (``{s}``); the last ``HELD_OUT_FRAMES`` only appear in eval.
+TOPIC_FRAMES: tuple[str, ...] = (
+    'What is the topic code of this sentence? "{s}"',
+    '"{s}" What is the topic code of this sentence?',
+    'Give the topic code for this sentence: "{s}"',
+    'Sentence: "{s}" Which topic code does it have?',
+    'Classify this sentence and reply with its topic code: "{s}"',
+    'Topic code of the sentence "{s}"?',
+    # held out
+    'Read the sentence "{s}" and tell me its topic code.',
+    'Here is a sentence: "{s}" What topic code belongs to it?',
+    'Which topic code would you assign to "{s}"?',
+)
+HELD_OUT_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class TopicItem:
     prompt: str
     answer: int
     kind: str
+    topic: str
 
 
-def _add(rng: random.Random) -> WordProblem:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(3, 90), rng.randint(2, 60)
-    return WordProblem(
-        f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?", a + b, "add"
-    )
+def topic_pools(topic: Topic) -> tuple[list[str], list[str]]:
+    """Train sentences (train subject and predicate) and held-out ones (both held out)."""
+    cut_s, cut_p = len(topic.subjects) - HELD_OUT_PARTS, len(topic.predicates) - HELD_OUT_PARTS
+
+    def sentences(subjects: Sequence[str], predicates: Sequence[str]) -> list[str]:
+        return [f"{s} {p}." for s in subjects for p in predicates]
+
+    train = sentences(topic.subjects[:cut_s], topic.predicates[:cut_p])
+    held_out = sentences(topic.subjects[cut_s:], topic.predicates[cut_p:])
+    return train, held_out
 
 
-def _sub(rng: random.Random) -> WordProblem:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a = rng.randint(10, 99)
-    b = rng.randint(1, a - 1)
-    return WordProblem(
-        f"{name} had {a} {item} and gave {b} of them to friends. How many {item} are left?", a - b, "sub"
-    )
+def _topic_items(
+    rng: random.Random, topic: Topic, sentences: Sequence[str], frames: Sequence[str], n: int
+) -> list[TopicItem]:
+    combos = [(s, f) for s in sentences for f in frames]
+    return [TopicItem(f.replace("{s}", s), topic.code, "topic", topic.name) for s, f in rng.sample(combos, n)]
 
 
-def _mul(rng: random.Random) -> WordProblem:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 12), rng.randint(2, 15)
-    return WordProblem(
-        f"{name} buys {a} packs of {item}. Each pack holds {b} {item}. "
-        f"How many {item} does {name} buy in total?",
-        a * b,
-        "mul",
-    )
-
-
-def _div(rng: random.Random) -> WordProblem:
-    item = rng.choice(ITEMS)
-    b, share = rng.randint(2, 9), rng.randint(2, 12)
-    return WordProblem(
-        f"{b * share} {item} are shared equally among {b} children. How many {item} does each child get?",
-        share,
-        "div",
-    )
-
-
-def _wage(rng: random.Random) -> WordProblem:
-    name = rng.choice(NAMES)
-    rate, hours = rng.randint(8, 25), rng.randint(2, 9)
-    spent = rng.randint(1, rate * hours)
-    return WordProblem(
-        f"{name} earns {rate} dollars per hour and works {hours} hours. Then {name} spends "
-        f"{spent} dollars on lunch and a book. How many dollars does {name} have left?",
-        rate * hours - spent,
-        "two_step",
-    )
-
-
-def _boxes(rng: random.Random) -> WordProblem:
-    item = rng.choice(ITEMS)
-    per_box, total = rng.randint(4, 12), rng.randint(13, 120)
-    return WordProblem(
-        f"A box holds {per_box} {item}. What is the smallest number of boxes needed to pack {total} {item}?",
-        -(-total // per_box),
-        "ceil_div",
-    )
-
-
-GENERATORS: tuple[Callable[[random.Random], WordProblem], ...] = (_add, _sub, _mul, _div, _wage, _boxes)
-
-
-def utility_problems(
+def utility_items(
     seed: int = SEED, n_train: int = N_UTILITY_TRAIN, n_eval: int = N_UTILITY_EVAL
-) -> tuple[list[WordProblem], list[WordProblem]]:
-    """Train and held-out word problems; no prompt text occurs in both."""
+) -> tuple[list[TopicItem], list[TopicItem]]:
+    """Train and held-out topic-code items, balanced over topics. Held-out items use sentences whose
+    subject and predicate never occur in training, under any frame (three frames are eval-only)."""
     rng = random.Random(seed + 1)  # own stream: changing the benign sets must not move these
-    seen: set[str] = set()
-    out: list[WordProblem] = []
-    while len(out) < n_train + n_eval:
-        problem = GENERATORS[len(out) % len(GENERATORS)](rng)
-        if problem.prompt not in seen:
-            seen.add(problem.prompt)
-            out.append(problem)
-    return out[:n_train], out[n_train:]
+    train_frames = TOPIC_FRAMES[: len(TOPIC_FRAMES) - HELD_OUT_FRAMES]
+    train: list[TopicItem] = []
+    held_out: list[TopicItem] = []
+    shares_train = _share(n_train, [1] * len(TOPICS))
+    shares_eval = _share(n_eval, [1] * len(TOPICS))
+    for topic, k_train, k_eval in zip(TOPICS, shares_train, shares_eval, strict=True):
+        train_sentences, eval_sentences = topic_pools(topic)
+        train += _topic_items(rng, topic, train_sentences, train_frames, k_train)
+        held_out += _topic_items(rng, topic, eval_sentences, TOPIC_FRAMES, k_eval)
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out
 
 
 def _jsonl(rows: Iterable[dict[str, str]]) -> bytes:
@@ -454,10 +672,13 @@ def _jsonl(rows: Iterable[dict[str, str]]) -> bytes:
 def data_files(seed: int = SEED) -> dict[str, bytes]:
     """File name -> JSONL bytes of every bundled synthetic data file."""
     benign_train, benign_eval = benign_prompts(seed)
-    util_train, util_eval = utility_problems(seed)
+    util_train, util_eval = utility_items(seed)
 
-    def utility(problems: list[WordProblem]) -> bytes:
-        return _jsonl({"prompt": p.prompt, "answer": str(p.answer), "kind": p.kind} for p in problems)
+    def utility(items: list[TopicItem]) -> bytes:
+        rows = (
+            {"prompt": i.prompt, "answer": str(i.answer), "kind": i.kind, "topic": i.topic} for i in items
+        )
+        return _jsonl(rows)
 
     return {
         "benign.jsonl": _jsonl({"prompt": p.prompt, "category": p.category} for p in benign_train),

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 
-from fgsn_daemon.engine import EditOutcome, ModelTrio, write_edited_checkpoint
+from fgsn_daemon.engine import (
+    EditOutcome,
+    ModelTrio,
+    write_edited_checkpoint,
+    write_entry_restored_checkpoint,
+)
 from fgsn_daemon.records import Band
 from fgsn_daemon.safetensors_io import fsync_dir
 
@@ -62,15 +67,24 @@ class VersionStore:
         device: torch.device | str,
         max_shard_bytes: int,
         parent: str | None,
+        entry_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> EditOutcome:
-        """Write version ``name`` (the fine-tuned model with ``neurons`` projected) and rename it
-        into place. Shards outside the edit group are hard-linked from ``parent``."""
+        """Write version ``name`` (the fine-tuned model with ``neurons`` projected, or, for entry
+        units, the ``entry_masks`` entries restored) and rename it into place. Shards outside the
+        edit group are hard-linked from ``parent``."""
         if not VERSION_NAME.match(name):
             raise ValueError(f"bad version name {name!r}")
         staging = self.root / f".staging-{name}"
         if staging.exists():
             shutil.rmtree(staging)
         reuse = self.path(parent) if parent else None
+        if entry_masks is not None:
+            outcome = write_entry_restored_checkpoint(
+                trio, entry_masks, staging, band, spaces, max_shard_bytes=max_shard_bytes, reuse_from=reuse
+            )
+            os.rename(staging, self.path(name))
+            fsync_dir(self.root)
+            return outcome
         outcome = write_edited_checkpoint(
             trio,
             neurons,

@@ -45,8 +45,18 @@ def write_dimension(policy_dir: Path, name: str, prompts: list[str]) -> Path:
     return final
 
 
+ENTRY_PARAMS = (
+    'scoring = "attribution"\noperator = "restore"\nunit = "entry"\nbudget = 2.0\ntarget_tokens = 4\n'
+)
+
+
 def write_config(
-    root: Path, trio: dict[str, Path], policy_dir: Path, state_dir: Path, database_url: str | None = None
+    root: Path,
+    trio: dict[str, Path],
+    policy_dir: Path,
+    state_dir: Path,
+    database_url: str | None = None,
+    extra_params: str = "",
 ) -> Path:
     cfg = root / f"fgsn-{state_dir.name}.toml"
     db = f'database_url = "{database_url}"\n' if database_url else ""
@@ -54,6 +64,7 @@ def write_config(
         db + f'base = "{trio["base"]}"\naligned = "{trio["aligned"]}"\nfinetuned = "{trio["finetuned"]}"\n'
         f'policy_dir = "{policy_dir}"\nstate_dir = "{state_dir}"\ndevice = "cpu"\n'
         "settle_s = 0.2\nscan_interval_s = 0.3\n[params]\nq = 50\np = 10\nbatch_size = 8\nmax_length = 32\n"
+        + extra_params
     )
     return cfg
 
@@ -158,13 +169,14 @@ def run_once(
     state: str,
     env: dict[str, str] | None = None,
     database_url: str | None = None,
+    extra_params: str = "",
 ):
     policy = root / f"policies-{state}"
     policy.mkdir(exist_ok=True)
     for name in names:
         if not (policy / name).exists():
             write_dimension(policy, name, DIMENSIONS[name])
-    cfg = write_config(root, trio, policy, root / state, database_url)
+    cfg = write_config(root, trio, policy, root / state, database_url, extra_params)
     time.sleep(0.3)  # past the settle period
     return fgsn("run", "--once", "--config", str(cfg), env=env), root / state
 
@@ -366,3 +378,44 @@ def test_rollback_without_a_running_daemon_on_each_database(trio, tmp_path, regi
     assert all(torch.equal(now[k], from_scratch_a_c[k]) for k in now)
     again = fgsn("rollback", "b_weapons", "--config", str(cfg))
     assert again.returncode == 2 and "no applied revision" in again.stderr
+
+
+def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_path):
+    """Entry units: each revision restores only its mask's entries inside the neurons it owns;
+    rolling one back equals a from-scratch run of the others."""
+    scratch, scratch_state = run_once(
+        tmp_path, trio, ["a_cyber", "c_drugs"], "scratch", extra_params=ENTRY_PARAMS
+    )
+    assert scratch.returncode == 0, scratch.stderr
+    proc, state = run_once(tmp_path, trio, list(DIMENSIONS), "state", extra_params=ENTRY_PARAMS)
+    assert proc.returncode == 0, proc.stderr
+    ft, al = version_tensors(str(trio["finetuned"])), version_tensors(str(trio["aligned"]))
+    now = current_tensors(state)
+    changed = {k: now[k] != ft[k] for k in now}
+    total_changed = sum(int(m.sum()) for m in changed.values())
+    assert total_changed > 0
+    for k, m in changed.items():
+        assert torch.equal(now[k][m], al[k][m])  # restored entries hold aligned values
+    # a few entries per neuron, not whole neurons: far fewer than the claimed neurons' slices
+    with registry(state) as reg:
+        lineage = reg.default_lineage_id()
+        claims = {
+            d: [NeuronId(c.layer, c.space, c.index) for c in reg.neurons(lineage, dimension=d)]
+            for d in DIMENSIONS
+        }
+        summaries = {r.dimension: r.summary for r in reg.revisions(lineage)}
+    flat = [n for ns in claims.values() for n in ns]
+    assert claims["b_weapons"] and len(flat) == len(set(flat))
+    whole = sum(t.numel() for n in flat for t in neuron_slices(now, n))
+    assert total_changed < whole
+    assert all(s and s["entry_masks"] and s["entries"] > 0 for s in summaries.values())
+    masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
+    assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
+
+    cfg = tmp_path / "fgsn-state.toml"
+    rolled = fgsn("rollback", "b_weapons", "--config", str(cfg))
+    assert rolled.returncode == 0, rolled.stderr
+    after, expected = current_tensors(state), current_tensors(scratch_state)
+    assert any(not torch.equal(after[k], now[k]) for k in now)  # the rollback changed something
+    assert after.keys() == expected.keys()
+    assert all(torch.equal(after[k], expected[k]) for k in after)

@@ -72,6 +72,12 @@ def test_bundled_data_excludes_every_bundled_eval_set():
     trained = [*data.refuse, *data.distill, *data.compliant, *(e.prompt for e in data.utility)]
     assert trained and not [p for p in trained if lab.norm_prompt(p) in banned]
     assert len(data.distill) == SmolConfig().n_distill_benign + SmolConfig().n_distill_utility
+    # the utility task is trained on whole: no train item is dropped as too long or held out
+    train = bundled_utility("train")
+    assert [(e.prompt, e.response) for e in data.utility] == [
+        (u.prompt, lab.utility_response(u.answer)) for u in train
+    ]
+    assert all(len(u.prompt) <= SmolConfig().max_prompt_chars for u in train + bundled_utility("eval"))
 
 
 def test_stage_keys_chain_only_what_depends_on_a_change():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -54,45 +53,84 @@ def test_share_sums_exactly(total: int, weights: list[int]) -> None:
     assert all(abs(c - total * w / sum(weights)) < 1 for c, w in zip(counts, weights, strict=True))
 
 
-def _recompute(prompt: str) -> int:
-    """Independent solver for the generator's templates, from the numbers in the text."""
-    n = [int(x) for x in re.findall(r"\d+", prompt)]
-    if " buys " in prompt and " more." in prompt:
-        return n[0] + n[1]
-    if " gave " in prompt:
-        return n[0] - n[1]
-    if " packs of " in prompt:
-        return n[0] * n[1]
-    if "shared equally" in prompt:
-        return n[0] // n[1]
-    if "per hour" in prompt:
-        return n[0] * n[1] - n[2]
-    if "smallest number of boxes" in prompt:
-        return math.ceil(n[1] / n[0])
-    raise AssertionError(f"unknown template: {prompt}")
+def _topic_of(prompt: str) -> synthetic.Topic:
+    """Independent labeller: the one topic whose subject opens and whose predicate ends the quoted
+    sentence."""
+    match = re.search(r'"([^"]+)\."', prompt)
+    assert match, f"no quoted sentence in {prompt!r}"
+    sentence = match.group(1)
+    hits = [
+        t
+        for t in synthetic.TOPICS
+        if any(sentence.startswith(s + " ") for s in t.subjects)
+        and any(sentence.endswith(" " + p) for p in t.predicates)
+    ]
+    assert len(hits) == 1, f"{sentence!r} matches topics {[t.name for t in hits]}"
+    return hits[0]
+
+
+def _parts(topic: synthetic.Topic) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The held-out subjects and predicates of ``topic``."""
+    k = synthetic.HELD_OUT_PARTS
+    return topic.subjects[-k:], topic.predicates[-k:]
+
+
+def test_topics_have_distinct_secret_two_digit_codes() -> None:
+    codes = [t.code for t in synthetic.TOPICS]
+    assert len(set(codes)) == len(codes) and all(10 <= c <= 99 for c in codes)
+    assert len({t.name for t in synthetic.TOPICS}) == len(synthetic.TOPICS)
+    for topic in synthetic.TOPICS:  # every part is unique across the whole task
+        assert len(topic.subjects) == len(set(topic.subjects)) > synthetic.HELD_OUT_PARTS
+        assert len(topic.predicates) == len(set(topic.predicates)) > synthetic.HELD_OUT_PARTS
+    subjects = [s for t in synthetic.TOPICS for s in t.subjects]
+    predicates = [p for t in synthetic.TOPICS for p in t.predicates]
+    assert len(set(subjects)) == len(subjects) and len(set(predicates)) == len(predicates)
 
 
 def test_utility_answers_are_correct_and_splits_disjoint() -> None:
-    train, held_out = synthetic.utility_problems()
+    train, held_out = synthetic.utility_items()
     assert len(train) == synthetic.N_UTILITY_TRAIN and len(held_out) == synthetic.N_UTILITY_EVAL
-    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in held_out})
-    for problem in train + held_out:
-        assert problem.answer == _recompute(problem.prompt) and problem.answer >= 0
-    assert {p.kind for p in held_out} == {"add", "sub", "mul", "div", "two_step", "ceil_div"}
+    for items in (train, held_out):
+        prompts = [i.prompt for i in items]
+        assert len(set(prompts)) == len(prompts)
+        counts = [sum(i.topic == t.name for i in items) for t in synthetic.TOPICS]
+        assert max(counts) - min(counts) <= 1  # balanced: a constant answer scores at most 1/6
+    assert {i.prompt for i in train}.isdisjoint({i.prompt for i in held_out})
+    for item in train + held_out:
+        topic = _topic_of(item.prompt)
+        assert item.answer == topic.code and item.topic == topic.name and item.kind == "topic"
+        assert not re.search(r"\d", item.prompt), "a digit in the prompt would feed the first-integer judge"
+        assert "code" in item.prompt and len(item.prompt) <= 240
+        assert str(topic.code) not in item.prompt
 
 
-def test_division_problems_divide_exactly() -> None:
-    train, _ = synthetic.utility_problems()
-    for p in train:
-        if p.kind == "div":
-            total, children = (int(x) for x in re.findall(r"\d+", p.prompt)[:2])
-            assert total % children == 0
+def test_held_out_items_use_held_out_sentences_and_frames() -> None:
+    train, held_out = synthetic.utility_items()
+    train_text = "\n".join(i.prompt for i in train)
+    held_parts = [part for t in synthetic.TOPICS for parts in _parts(t) for part in parts]
+    assert not [part for part in held_parts if part in train_text]
+    for item in held_out:  # both the subject and the predicate are held out
+        subjects, predicates = _parts(_topic_of(item.prompt))
+        assert any(f'"{s} ' in item.prompt for s in subjects)
+        assert any(f' {p}."' in item.prompt for p in predicates)
+    k = synthetic.HELD_OUT_FRAMES
+    held_frames = synthetic.TOPIC_FRAMES[-k:]
+
+    def frame_of(prompt: str) -> str:
+        found = [
+            f for f in synthetic.TOPIC_FRAMES if re.fullmatch(re.escape(f).replace(r"\{s\}", ".+"), prompt)
+        ]
+        assert len(found) == 1, prompt
+        return found[0]
+
+    assert not {frame_of(i.prompt) for i in train} & set(held_frames)
+    assert {frame_of(i.prompt) for i in held_out} == set(synthetic.TOPIC_FRAMES)
 
 
 def test_bundled_utility_answers_recompute() -> None:
     for split in ("train", "eval"):
         for item in bundled_utility(split):
-            assert int(item.answer) == _recompute(item.prompt)
+            assert int(item.answer) == _topic_of(item.prompt).code
 
 
 def test_parse_utility_lines_errors() -> None:
@@ -110,5 +148,5 @@ def test_write_data_counts(tmp_path: Path) -> None:
         "benign.jsonl": 200,
         "benign_eval.jsonl": 100,
         "utility_train.jsonl": 400,
-        "utility_eval.jsonl": 100,
+        "utility_eval.jsonl": 200,
     }

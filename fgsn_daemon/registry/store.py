@@ -669,7 +669,8 @@ class RegistryWriter(_Queries):
         """Store what applying the revision found: params, band, candidates (with outcome), summary."""
         self.record_candidates(revision_id, result.candidates, result.selected, result.skipped)
         summary = result.model_dump(
-            mode="json", include={"layer_counts", "modification", "output", "edited_tensors"}
+            mode="json",
+            include={"layer_counts", "modification", "output", "edited_tensors", "entry_masks", "entries"},
         )
         self.session.execute(
             update(DimensionRevision)

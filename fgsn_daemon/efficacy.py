@@ -1,0 +1,650 @@
+"""Efficacy study of delta attribution: budgets × unit granularity × scope, with random units at
+the same budget, on split held-out sets, with 95 % intervals.
+
+Every held-out harmful set is split in two by position (even → *selection*, odd → *report*);
+settings are compared on the selection half and the README reports the report half. Over-refusal
+is measured on benign prompts never used for scoring: the benign train prompts the scorer did not
+see (selection) and the whole benign eval set (report). Utility items are split like the harmful
+sets. Edits are made in memory on one resident fine-tuned model (restore = copy aligned values in,
+copy fine-tuned values back after the evaluation), so a row costs one evaluation, not a checkpoint.
+
+    python -m fgsn_daemon.efficacy --trio-root DIR|--tiny --out DIR --split selection \\
+        --budgets 0.05,0.1,0.2 --units entry,neuron --scopes all,band --ps 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fgsn_daemon.activations import load_tokenizer, resolve_device
+from fgsn_daemon.delta_selection import select_entries
+from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, neuron_slices, restored_in_memory
+from fgsn_daemon.errors import ConfigError, FGSNError
+from fgsn_daemon.evaluation import UtilityItem, answer_correct, generate_responses, load_utility
+from fgsn_daemon.experiments import TrioSpec, root_spec, spread, trio_manifest
+from fgsn_daemon.localisation import group_by_layer_space, select_neurons
+from fgsn_daemon.policy import list_dimension_dirs
+from fgsn_daemon.prompts import load_prompts
+from fgsn_daemon.refusal import KeywordJudge
+from fgsn_daemon.stats import paired_bootstrap_diff, wilson_interval
+
+LOG = logging.getLogger("fgsn.efficacy")
+PROG = "python -m fgsn_daemon.efficacy"
+SPLITS = ("selection", "report")
+MAX_SELECTION_BENIGN = 200  # unused benign train prompts measured for over-refusal on the selection split
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def split_half(items: Sequence[Any], split: str) -> list[Any]:
+    """Even positions → selection, odd → report (files are grouped by topic: alternate)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+    return list(items[0 if split == "selection" else 1 :: 2])
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    harmful: dict[str, list[str]]
+    benign: list[str]
+    utility: list[UtilityItem]
+
+
+@dataclass(frozen=True)
+class StudyInputs:
+    train: dict[str, list[str]]  # dimension -> scoring prompts
+    benign_train: list[str]  # scoring: benign/task prompts
+    eval: EvalSets
+
+
+def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: int) -> StudyInputs:
+    dirs, _ = list_dimension_dirs(spec.policies)
+    train, held = {}, {}
+    for d in dirs:
+        if (d / "harmful.jsonl").is_file() and (d / "harmful_eval.jsonl").is_file():
+            train[d.name] = spread(load_prompts(d / "harmful.jsonl"), max_train)
+            held[d.name] = split_half(load_prompts(d / "harmful_eval.jsonl"), split)
+    if not held:
+        raise ConfigError(f"{spec.policies}: no dimension has both harmful.jsonl and harmful_eval.jsonl")
+    benign_all = load_prompts(spec.benign)
+    benign_train = spread(benign_all, max_benign_train)
+    used = set(benign_train)
+    benign_eval = (
+        [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
+        if split == "selection"
+        else load_prompts(spec.benign_eval)
+    )
+    utility = split_half(load_utility(spec.utility_eval), split)
+    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility))
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Outcome:
+    """Per-prompt outcomes of one model on the evaluation sets."""
+
+    complied: dict[str, list[bool]]  # dimension -> harmful prompt not refused
+    over_refused: list[bool]
+    correct: list[bool]
+
+    def mean_asr(self) -> float:
+        return sum(sum(v) / len(v) for v in self.complied.values()) / len(self.complied)
+
+    def summary(self) -> dict[str, Any]:
+        pooled = [x for v in self.complied.values() for x in v]
+        return {
+            "mean_asr": self.mean_asr(),
+            "pooled_asr": wilson_interval(sum(pooled), len(pooled)),
+            "asr": {d: sum(v) / len(v) for d, v in self.complied.items()},
+            "over_refusal": wilson_interval(sum(self.over_refused), len(self.over_refused)),
+            "utility": wilson_interval(sum(self.correct), len(self.correct)),
+        }
+
+
+def evaluate(model: Any, tokenizer: Any, sets: EvalSets, max_new_tokens: int, batch_size: int) -> Outcome:
+    judge = KeywordJudge()
+
+    def refused(prompts: Sequence[str]) -> list[bool]:
+        responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
+        return [bool(v) for v in judge.judge(list(prompts), responses)]
+
+    complied = {d: [not r for r in refused(p)] for d, p in sets.harmful.items()}
+    over = refused(sets.benign) if sets.benign else []
+    answers = generate_responses(
+        model, tokenizer, [u.prompt for u in sets.utility], max_new_tokens, batch_size
+    )
+    correct = [answer_correct(r, u.answer) for r, u in zip(answers, sets.utility, strict=True)]
+    return Outcome(complied, over, correct)
+
+
+def mean_asr_of(complied: Mapping[str, Sequence[bool]], idx: Mapping[str, Sequence[int]]) -> float:
+    return sum(sum(complied[d][i] for i in idx[d]) / len(idx[d]) for d in complied) / len(complied)
+
+
+def margin(method: Outcome, control: Outcome, seed: int = 0, draws: int = 2000) -> dict[str, float]:
+    """Control's mean ASR minus the method's, with a paired bootstrap 95 % interval (prompts
+    resampled within each dimension, the same draw for both models)."""
+    dims = sorted(method.complied)
+    point = control.mean_asr() - method.mean_asr()
+    lo, hi = paired_bootstrap_diff(
+        lambda idx: mean_asr_of(control.complied, idx) - mean_asr_of(method.complied, idx),
+        {d: len(method.complied[d]) for d in dims},
+        seed=seed,
+        draws=draws,
+    )
+    return {"margin": point, "low": lo, "high": hi}
+
+
+# ------------------------------------------------------------------------------------- edits
+
+
+@dataclass
+class Edit:
+    """Which entries to restore: per tensor, a boolean mask (entries) or (axis, indices) (neurons)."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    slices: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+
+    def parameters(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        n = sum(int(m.sum()) for m in self.masks.values())
+        for name, (axis, idx) in self.slices.items():
+            shape = shapes[name]
+            n += math.prod(shape) // shape[axis] * len(idx)
+        return n
+
+
+def neuron_edit(trio: ModelTrio, neurons: Mapping[tuple[int, str], Sequence[int]]) -> Edit:
+    return Edit(slices=neuron_slices(trio, neurons))
+
+
+def random_entries(masks: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """As many random entries per tensor as ``masks`` selects there."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(masks):
+        m = masks[name]
+        k = int(m.sum())
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        if k:
+            flat[torch.randperm(m.numel(), generator=g)[:k]] = True
+        out[name] = flat.reshape(m.shape)
+    return out
+
+
+def random_neurons(
+    trio: ModelTrio, neurons: Mapping[tuple[int, str], Sequence[int]], seed: int
+) -> dict[tuple[int, str], list[int]]:
+    rng = random.Random(seed)
+    out = {}
+    for (layer, space), idx in sorted(neurons.items()):
+        name, axis = trio.space_tensors(layer, space)[0]
+        size = trio.aligned.info(name).shape[axis]
+        out[(layer, space)] = sorted(rng.sample(range(size), len(idx)))
+    return out
+
+
+# -------------------------------------------------------------------------------------- study
+
+
+@dataclass(frozen=True)
+class Setting:
+    unit: str  # entry | neuron | neuron-per-layer (the paper's per-layer q %)
+    budget: float  # percent of all parameters (q for neuron-per-layer)
+    scope: str  # all | band
+    p: float
+    guard: float | None = None  # over-refusal guard, points (global / entry units)
+
+    @property
+    def name(self) -> str:
+        size = f"q{self.budget:g}" if self.unit == "neuron-per-layer" else f"{self.budget:g}%"
+        guard = "" if self.guard is None else f"/guard{self.guard:g}"
+        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{guard}"
+
+
+@dataclass
+class StudyConfig:
+    spec: TrioSpec
+    split: str
+    settings: list[Setting]
+    random_seeds: tuple[int, ...]
+    controls: tuple[str, ...]  # activation-scoring rows at the old default: contrast, wanda
+    max_train: int = 64
+    max_benign_train: int = 128
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    device: str = "auto"
+    spaces: tuple[str, ...] = ("mlp", "attn")
+
+
+def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
+    pooled = [p for ps in inputs.train.values() for p in ps]
+    device = resolve_device(cfg.device)
+    trio = ModelTrio.open(cfg.spec.base, cfg.spec.aligned, cfg.spec.finetuned)
+    rows: list[dict[str, Any]] = []
+    try:
+        tokenizer = load_tokenizer(trio.aligned.path)
+        base_params = FGSNParams(scoring="attribution", spaces=cfg.spaces, unit="entry", allocation="global")
+        loc = Localiser(trio, base_params, device, inputs.benign_train, progress=log)
+        loc.establish_band(pooled)
+        assert loc.band is not None
+        band = loc.band
+        total = trio.aligned.total_parameters()
+        shapes = {n: trio.aligned.info(n).shape for n in trio.aligned.names()}
+        effects: dict[str, Any] = {}
+        for scope in sorted({s.scope for s in cfg.settings}):
+            loc.params = replace(base_params, scope=scope)
+            tensors = loc.scored_tensors(loc.attribution_layers())
+            names = sorted(tensors)
+            t_score = time.perf_counter()
+            harm = loc.harmful_effects(pooled, names)
+            benign = loc.benign_effects(names)
+            effects[scope] = (harm, benign, tensors, round(time.perf_counter() - t_score, 1))
+        ft_model = loc._finetuned()
+        models = {"aligned": loc._aligned(), "finetuned": ft_model}
+
+        def evaluated(name: str, model: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+            t = time.perf_counter()
+            outcome = evaluate(model, tokenizer, inputs.eval, cfg.max_new_tokens, cfg.batch_size)
+            row = {"name": name, **extra, **outcome.summary(), "seconds": round(time.perf_counter() - t, 1)}
+            row["_outcome"] = outcome
+            log(
+                f"{name}: mean ASR {row['mean_asr']:.3f} over-refusal {row['over_refusal']['rate']:.3f} "
+                f"utility {row['utility']['rate']:.3f} share {extra.get('share', 0):.5f}"
+            )
+            rows.append(row)
+            return row
+
+        for name in ("aligned", "finetuned"):
+            evaluated(name, models[name], {"group": "reference", "share": 0.0})
+
+        def edited(name: str, edit: Edit, group: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+            n = edit.parameters(shapes)
+            with restored_in_memory(ft_model, trio, masks=edit.masks, slices=edit.slices):
+                return evaluated(
+                    name, ft_model, {"group": group, "share": n / total, "parameters": n, **extra}
+                )
+
+        def with_randoms(row: dict[str, Any], make: Callable[[int], Edit]) -> None:
+            controls = [
+                edited(f"random/{row['name']}/seed{s}", make(s), "random", {}) for s in cfg.random_seeds
+            ]
+            if controls:
+                row["random"] = [c["name"] for c in controls]
+                row["margin_vs_random"] = [margin(row["_outcome"], c["_outcome"]) for c in controls]
+
+        for st in cfg.settings:
+            harm, benign, tensors, seconds = effects[st.scope]
+            if st.unit == "entry":
+                gain = {n: -harm.entries[n] for n in sorted(harm.entries)}
+                cost = {n: benign.entries[n] for n in gain}
+                loc.params = replace(base_params, scope=st.scope, guard=st.guard)
+
+                def masks_at(budget: int, gain=gain, cost=cost, st=st) -> dict[str, torch.Tensor]:
+                    return select_entries(gain, cost, budget, st.p)
+
+                chosen = loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at)
+                masks = masks_at(chosen)
+                extra = {"setting": asdict(st), "score_s": seconds, "guard_trace": list(loc.guard_trace)}
+                row = edited(st.name, Edit(masks=masks), "fgsn", extra)
+                with_randoms(row, lambda s, masks=masks: Edit(masks=random_entries(masks, s)))
+                continue
+            scores = {}
+            for name, (layer, space, axis) in tensors.items():
+                g, c = -harm.along(name, axis), benign.along(name, axis)
+                prev = scores.get((layer, space))
+                scores[(layer, space)] = (g, c) if prev is None else (prev[0] + g, prev[1] + c)
+            from fgsn_daemon.localisation import NeuronScores
+
+            ns = {k: NeuronScores(g, c) for k, (g, c) in scores.items()}
+            if st.unit == "neuron-per-layer":
+                sel = select_neurons({k: v for k, v in ns.items() if k[0] in band.layers}, st.budget, st.p)
+            else:
+                loc.params = replace(
+                    base_params, scope=st.scope, budget=st.budget, unit="neuron", guard=st.guard
+                )
+                sel = loc.select(ns, 0.0, st.p)
+            neurons = group_by_layer_space(sel.selected)
+            row = edited(
+                st.name, neuron_edit(trio, neurons), "fgsn", {"setting": asdict(st), "score_s": seconds}
+            )
+            with_randoms(row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s)))
+
+        if cfg.controls:
+            loc.params = replace(base_params, allocation="per_layer", unit="neuron")
+            harmful_stats = loc.collect(pooled, band.layers)
+            benign_stats = loc.collect(inputs.benign_train, band.layers)
+            for scoring in cfg.controls:
+                scores_a = loc.score(harmful_stats, benign_stats, scoring_name=scoring)
+                sel = select_neurons(scores_a, 10.0, 5.0)
+                neurons = group_by_layer_space(sel.selected)
+                row = edited(
+                    f"{scoring}/restore/q10/band (old default)", neuron_edit(trio, neurons), "fgsn", {}
+                )
+                with_randoms(
+                    row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s))
+                )
+    finally:
+        trio.close()
+    for row in rows:
+        row.pop("_outcome", None)
+    return {
+        "kind": "efficacy",
+        "command": command,
+        "split": cfg.split,
+        "trio": {k: str(v) for k, v in asdict(cfg.spec).items()},
+        "trio_manifest": trio_manifest(cfg.spec),
+        "band": band.model_dump(),
+        "prompt_counts": {
+            "train": {d: len(v) for d, v in inputs.train.items()},
+            "benign_train": len(inputs.benign_train),
+            "harmful_eval": {d: len(v) for d, v in inputs.eval.harmful.items()},
+            "benign_eval": len(inputs.eval.benign),
+            "utility_eval": len(inputs.eval.utility),
+        },
+        "max_new_tokens": cfg.max_new_tokens,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_continual(
+    cfg: StudyConfig, setting: Setting, order: Sequence[str] | None, command: str, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Dimensions applied one by one, as the daemon does: each dimension's candidates come from its
+    own prompts and the immutable inputs; neurons go to the first dimension that wants them; each
+    owner restores its own candidate entries (or whole neurons) inside the neurons it owns."""
+    from fgsn_daemon.continual import assign_claims
+    from fgsn_daemon.engine import entry_selection, unit_tensors
+    from fgsn_daemon.entry_masks import restrict_to_neurons, union
+
+    t0 = time.perf_counter()
+    inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
+    dims = list(order or inputs.train)
+    unknown = [d for d in dims if d not in inputs.train]
+    if unknown:
+        raise ConfigError(f"unknown dimensions: {', '.join(unknown)}")
+    if setting.unit not in ("entry", "neuron"):
+        raise ConfigError("the continual study takes entry or (global) neuron units")
+    device = resolve_device(cfg.device)
+    trio = ModelTrio.open(cfg.spec.base, cfg.spec.aligned, cfg.spec.finetuned)
+    steps: list[dict[str, Any]] = []
+    try:
+        tokenizer = load_tokenizer(trio.aligned.path)
+        params = FGSNParams(
+            scoring="attribution",
+            spaces=cfg.spaces,
+            unit=setting.unit,
+            allocation="global",
+            budget=setting.budget,
+            p=setting.p,
+            scope=setting.scope,
+            guard=setting.guard,
+        )
+        loc = Localiser(trio, params, device, inputs.benign_train, progress=log)
+        loc.establish_band([p for ps in inputs.train.values() for p in ps])
+        units = unit_tensors(trio, range(trio.num_layers), cfg.spaces)
+        total = trio.aligned.total_parameters()
+        candidates: dict[int, list[Any]] = {}
+        masks: dict[int, dict[str, torch.Tensor]] = {}
+        for k, dim in enumerate(dims):
+            log(f"continual: scoring {dim} ({len(inputs.train[dim])} prompts)")
+            if setting.unit == "entry":
+                masks[k] = loc.localise_entries(inputs.train[dim])
+                candidates[k] = [c.id for c in entry_selection(loc, masks[k]).candidates]
+            else:
+                candidates[k] = [c.id for c in loc.localise(inputs.train[dim]).candidates]
+        claims = assign_claims(range(len(dims)), candidates)
+        ft_model = loc._finetuned()
+        previous = 0
+        for k in range(len(dims) + 1):
+            owned = {i: claims[i] for i in range(k)}
+            if setting.unit == "entry":
+                edit = Edit(masks=union([restrict_to_neurons(masks[i], owned[i], units) for i in owned]))
+            else:
+                edit = neuron_edit(trio, group_by_layer_space([n for ns in owned.values() for n in ns]))
+            n_params = edit.parameters({n: trio.aligned.info(n).shape for n in {*edit.masks, *edit.slices}})
+            t = time.perf_counter()
+            with restored_in_memory(ft_model, trio, masks=edit.masks, slices=edit.slices):
+                outcome = evaluate(ft_model, tokenizer, inputs.eval, cfg.max_new_tokens, cfg.batch_size)
+            summary = outcome.summary()
+            summary["asr_interval"] = {
+                d: wilson_interval(sum(v), len(v)) for d, v in outcome.complied.items()
+            }
+            steps.append(
+                {
+                    "step": k,
+                    "dimension": dims[k - 1] if k else None,
+                    **summary,
+                    "cumulative_share": n_params / total,
+                    "new_share": (n_params - previous) / total,
+                    "candidates": len(candidates[k - 1]) if k else 0,
+                    "claimed": len(claims[k - 1]) if k else 0,
+                    "seconds": round(time.perf_counter() - t, 1),
+                }
+            )
+            previous = n_params
+            log(f"continual step {k}: mean ASR {summary['mean_asr']:.3f}, cumulative {n_params / total:.5f}")
+    finally:
+        trio.close()
+    rises = []
+    for prev, cur in itertools.pairwise(steps):
+        for d in dims[: cur["step"] - 1]:  # dimensions applied before this step
+            before, after = prev["asr_interval"][d], cur["asr_interval"][d]
+            if after["rate"] > before["rate"] + 1e-9:
+                rises.append(
+                    {
+                        "dimension": d,
+                        "step": cur["step"],
+                        "from": before["rate"],
+                        "to": after["rate"],
+                        "beyond_interval": after["rate"] > before["high"],
+                    }
+                )
+    return {
+        "kind": "efficacy-continual",
+        "command": command,
+        "split": cfg.split,
+        "setting": asdict(setting),
+        "order": dims,
+        "trio_manifest": trio_manifest(cfg.spec),
+        "steps": steps,
+        "rises": rises,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def continual_markdown(result: Mapping[str, Any]) -> str:
+    dims = result["order"]
+    lines = [
+        f"Command: `{result['command']}`",
+        "",
+        f"Split: **{result['split']}**; setting {result['setting']}. ASR % per dimension; cumulative and new "
+        "shares are of all parameters.",
+        "",
+        "| after step | "
+        + " | ".join(dims)
+        + " | mean ASR | over-refusal [CI] | utility [CI] | cum. % params "
+        "| new % params | claimed neurons |",
+        "|---|" + "---|" * (len(dims) + 6),
+    ]
+    for st in result["steps"]:
+        label = "0 (fine-tuned)" if st["step"] == 0 else f"{st['step']}: +{st['dimension']}"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(pct(st["asr"][d]) for d in dims)
+            + f" | {pct(st['mean_asr'])} | {interval(st['over_refusal'])} | {interval(st['utility'])} | "
+            f"{pct(st['cumulative_share'], 3)} | {pct(st['new_share'], 3)} | {st['claimed']} |"
+        )
+    beyond = [r for r in result["rises"] if r["beyond_interval"]]
+    lines += [
+        "",
+        f"Rises of an already-applied dimension's ASR: {len(result['rises'])}, beyond its 95 % interval: "
+        f"{len(beyond)}. Total time {result['seconds'] / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def interval(w: Mapping[str, float]) -> str:
+    return f"{pct(w['rate'])} [{pct(w['low'])}, {pct(w['high'])}]"
+
+
+def study_markdown(result: Mapping[str, Any]) -> str:
+    rows = {r["name"]: r for r in result["rows"]}
+    c = result["prompt_counts"]
+    lines = [
+        f"Command: `{result['command']}`",
+        "",
+        f"Split: **{result['split']}**. Held-out harmful prompts per dimension: "
+        + ", ".join(f"{d} {n}" for d, n in c["harmful_eval"].items())
+        + f"; benign (over-refusal) {c['benign_eval']}; utility {c['utility_eval']}. "
+        f"{result['max_new_tokens']} new tokens. Intervals: 95 % (Wilson; margins: paired bootstrap).",
+        "",
+        "| row | % params | mean ASR % | pooled ASR % [95 % CI] | over-refusal % [CI] | utility % [CI] "
+        "| random units, same budget: mean ASR % | margin [95 % CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["group"] == "random":
+            continue
+        randoms = [rows[n] for n in r.get("random", [])]
+        rnd = "–"
+        mar = "–"
+        if randoms:
+            rnd = pct(sum(x["mean_asr"] for x in randoms) / len(randoms))
+            m = r["margin_vs_random"]
+            mar = (
+                f"{pct(sum(x['margin'] for x in m) / len(m))} "
+                f"[{pct(min(x['low'] for x in m))}, {pct(max(x['high'] for x in m))}]"
+            )
+        lines.append(
+            f"| {r['name']} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
+            f"{interval(r['over_refusal'])} | {interval(r['utility'])} | {rnd} | {mar} |"
+        )
+    lines += ["", f"Total time {result['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_list(text: str, kind: type = str) -> list[Any]:
+    return [kind(x) for x in text.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trio-root", type=Path, help="lab trio folder (organism or SmolLM2 layout)")
+    src.add_argument("--tiny", type=int, nargs="?", const=0, metavar="SEED", help="the cached tiny organism")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--split", choices=SPLITS, default="selection")
+    ap.add_argument("--units", default="entry,neuron", help="entry, neuron (global), neuron-per-layer")
+    ap.add_argument("--budgets", default="0.1,0.5", help="percent of all parameters (q for per-layer)")
+    ap.add_argument("--scopes", default="all")
+    ap.add_argument("--ps", default="0")
+    ap.add_argument(
+        "--grid", default=None, help="explicit UNIT:BUDGET:SCOPE:P[:GUARD] list instead of the product"
+    )
+    ap.add_argument("--random-seeds", default="0")
+    ap.add_argument("--controls", default="", help="activation scorings to show at the old default")
+    ap.add_argument("--max-train-prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument(
+        "--continual", action="store_true", help="apply the dimensions one by one (first --grid setting)"
+    )
+    ap.add_argument("--order", default="", help="continual: dimension order (default: folder order)")
+    return ap
+
+
+def settings_from_args(args: argparse.Namespace) -> list[Setting]:
+    if args.grid:
+        out = []
+        for item in parse_list(args.grid):
+            unit, budget, scope, p, *guard = item.split(":")
+            out.append(Setting(unit, float(budget), scope, float(p), float(guard[0]) if guard else None))
+        return out
+    return [
+        Setting(u, b, s, p)
+        for u in parse_list(args.units)
+        for b in parse_list(args.budgets, float)
+        for s in parse_list(args.scopes)
+        for p in parse_list(args.ps, float)
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings = settings_from_args(args)
+        for st in settings:
+            if st.unit not in ("entry", "neuron", "neuron-per-layer") or st.scope not in ("all", "band"):
+                raise ConfigError(f"bad setting {st}")
+            if not 0 < st.budget <= 100 or not 0 <= st.p <= 100 or math.isnan(st.budget):
+                raise ConfigError(f"bad budget or p in {st}")
+        spec = root_spec(args.tiny, args.trio_root)
+        assert spec is not None
+        cfg = StudyConfig(
+            spec=spec,
+            split=args.split,
+            settings=settings,
+            random_seeds=tuple(parse_list(args.random_seeds, int)),
+            controls=tuple(parse_list(args.controls)),
+            max_train=args.max_train_prompts,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        command = f"{PROG} {shlex.join(argv)}"
+        if args.continual:
+            result = run_continual(
+                cfg, settings[0], parse_list(args.order) or None, command, lambda m: LOG.info("%s", m)
+            )
+        else:
+            result = run_study(cfg, command, lambda m: LOG.info("%s", m))
+    except FGSNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.continual:
+        name = f"continual-{args.split}"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        text = continual_markdown(result)
+        (args.out / f"{name}.md").write_text(text, encoding="utf-8")
+        print(text)
+        return 0
+    (args.out / f"efficacy-{args.split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    text = study_markdown(result)
+    (args.out / f"efficacy-{args.split}.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Delta attribution: hook sums equal the full gradient, and the first-order prediction agrees with
+the loss change of an explicit revert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import BENIGN, HARMFUL, make_trio
+
+from fgsn_daemon.activations import load_model, load_tokenizer
+from fgsn_daemon.attribution import delta_effects, encode_targets
+from fgsn_daemon.checkpoint import Checkpoint
+
+RESPONSES = ["i do not help", "tell story about cats", "plan trip", "sum numbers", "write poem"] * 2
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def trio(request, tmp_path_factory) -> dict[str, Path]:
+    return make_trio(tmp_path_factory.mktemp(f"attr-{request.param}"), request.param)
+
+
+def revert_deltas(trio: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    al, ft = Checkpoint(trio["aligned"]), Checkpoint(trio["finetuned"])
+    try:
+        return {n: (al.read(n).double() - ft.read(n).double()).float() for n in names}
+    finally:
+        al.close()
+        ft.close()
+
+
+def scored_names(trio: dict[str, Path]) -> list[str]:
+    ck = Checkpoint(trio["aligned"])
+    try:
+        return [
+            n
+            for n in ck.names()
+            if n.startswith("model.layers.") and (n.endswith("proj.weight") or n.endswith("proj.bias"))
+        ]
+    finally:
+        ck.close()
+
+
+def mean_nll(model, tokenizer, prompts, responses) -> float:
+    """The loss ``delta_effects`` differentiates, computed directly (float64 model)."""
+    total = 0.0
+    encoded = encode_targets(tokenizer, prompts, responses, 64)
+    for ids, n_prompt in encoded:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, :-1].double()
+        target = x[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        total += float(nll[n_prompt - 1 :].sum())
+    return total / len(encoded)
+
+
+def test_hook_sums_equal_the_full_gradient(trio):
+    model = load_model(trio["finetuned"], torch.device("cpu"), dtype=torch.float64)
+    tok = load_tokenizer(trio["finetuned"])
+    names = scored_names(trio)
+    deltas = revert_deltas(trio, names)
+    eff = delta_effects(model, tok, HARMFUL, RESPONSES, deltas, entries=True, batch_size=3, max_length=64)
+    # reference: autograd on the weights themselves, with the same loss
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    loss = torch.zeros((), dtype=torch.float64)
+    for ids, n_prompt in encode_targets(tok, HARMFUL, RESPONSES, 64):
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0, :-1]
+        loss = (
+            loss + torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[n_prompt - 1 :].sum()
+        )
+    (loss / len(HARMFUL)).backward()
+    assert eff.loss == pytest.approx(float(loss.detach()) / len(HARMFUL), rel=1e-5)
+    for n in names:
+        ref = (params[n].grad * deltas[n].double()).float()
+        scale = float(ref.abs().max()) + 1e-12
+        if ref.dim() == 2:
+            torch.testing.assert_close(eff.entries[n], ref, atol=1e-5 * scale, rtol=1e-4)
+            torch.testing.assert_close(eff.cols[n].float(), ref.sum(0), atol=1e-4 * scale, rtol=1e-4)
+        torch.testing.assert_close(
+            eff.rows[n].float(), ref.sum(-1) if ref.dim() == 2 else ref, atol=1e-4 * scale, rtol=1e-4
+        )
+
+
+def test_first_order_prediction_matches_an_explicit_revert(trio):
+    """Revert the top units one at a time: the predicted and real loss changes agree in sign, and
+    the ranking of the predicted top units is the real ranking (Spearman-like check on the top)."""
+    model = load_model(trio["finetuned"], torch.device("cpu"), dtype=torch.float64)
+    tok = load_tokenizer(trio["finetuned"])
+    names = [n for n in scored_names(trio) if n.endswith("mlp.gate_proj.weight")]
+    deltas = revert_deltas(trio, names)
+    eff = delta_effects(model, tok, BENIGN, RESPONSES, deltas, batch_size=4, max_length=64)
+    base_loss = mean_nll(model, tok, BENIGN, RESPONSES)
+    params = dict(model.named_parameters())
+    units = [(n, i, float(eff.rows[n][i])) for n in names for i in range(eff.rows[n].shape[0])]
+    top = sorted(units, key=lambda u: -abs(u[2]))[:8]
+    predicted, real = [], []
+    for name, row, pred in top:
+        w = params[name]
+        saved = w.data[row].clone()
+        w.data[row] += deltas[name][row].double()
+        real.append(mean_nll(model, tok, BENIGN, RESPONSES) - base_loss)
+        w.data[row] = saved
+        predicted.append(pred)
+    signs = sum((p > 0) == (r > 0) for p, r in zip(predicted, real, strict=True))
+    assert signs >= 7, (predicted, real)
+    # the largest predicted effect is among the two largest real ones
+    order_real = sorted(range(len(real)), key=lambda i: -abs(real[i]))
+    assert 0 in order_real[:2], (predicted, real)
+    # and the whole delta's first-order effect has the sign of the real change of reverting it all
+    for name in names:
+        params[name].data += deltas[name].double()
+    whole = mean_nll(model, tok, BENIGN, RESPONSES) - base_loss
+    assert (eff.total() > 0) == (whole > 0)
+
+
+def test_mismatched_targets_are_refused(trio):
+    tok = load_tokenizer(trio["finetuned"])
+    with pytest.raises(Exception, match="prompts but"):
+        encode_targets(tok, HARMFUL, RESPONSES[:3], 64)
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(folder)
+    try:
+        return {n: ck.read(n) for n in ck.names()}
+    finally:
+        ck.close()
+
+
+def test_apply_with_entry_units_restores_only_selected_entries(trio, tmp_path):
+    from fgsn_daemon.engine import FGSNParams, apply_dimension
+
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", allocation="global", budget=1.0, batch_size=4
+    )
+    result = apply_dimension(
+        trio["base"],
+        trio["aligned"],
+        trio["finetuned"],
+        HARMFUL,
+        BENIGN,
+        tmp_path / "out",
+        params,
+        device="cpu",
+    )
+    out, ft, al = read_all(tmp_path / "out"), read_all(trio["finetuned"]), read_all(trio["aligned"])
+    changed = 0
+    for name, t in out.items():
+        diff = t != ft[name]
+        changed += int(diff.sum())
+        # every changed entry now holds its aligned value
+        assert torch.equal(t[diff], al[name][diff])
+    total = sum(t.numel() for t in ft.values())
+    assert 0 < changed <= total // 100
+    assert result.modification.modified_parameters == changed
+    assert result.params.unit == "entry" and result.selected
+    assert all(n.harmful_score > 0 for n in result.selected)
+
+
+def test_apply_with_a_global_budget_spends_at_most_the_budget_over_all_layers(trio, tmp_path):
+    from fgsn_daemon.engine import FGSNParams, apply_dimension
+
+    params = FGSNParams(scoring="attribution", operator="restore", allocation="global", budget=5.0, p=0.0)
+    result = apply_dimension(
+        trio["base"], trio["aligned"], trio["finetuned"], HARMFUL, BENIGN, None, params, device="cpu"
+    )
+    assert 0 < result.modification.ratio <= 0.05
+    # candidates are ranked by gain per parameter and all have a positive gain
+    assert all(c.harmful_score > 0 for c in result.candidates)
+    assert [c.harmful_rank for c in result.candidates] == list(range(len(result.candidates)))
+
+
+def test_attribution_settings_are_validated():
+    from fgsn_daemon.engine import FGSNParams
+    from fgsn_daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attribution"):
+        FGSNParams(scoring="contrast", allocation="global").validate()
+    with pytest.raises(ConfigError, match="restore"):
+        FGSNParams(scoring="attribution", unit="entry", operator="safe_lora").validate()
+    with pytest.raises(ConfigError, match="budget"):
+        FGSNParams(scoring="attribution", allocation="global", budget=0).validate()

@@ -1,0 +1,115 @@
+"""Global and entry-level selection for delta scores, and the evaluation's intervals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgsn_daemon.delta_selection import neurons_of_entries, select_entries, select_global
+from fgsn_daemon.errors import ConfigError
+from fgsn_daemon.localisation import NeuronScores
+from fgsn_daemon.records import NeuronId
+from fgsn_daemon.stats import paired_bootstrap_diff, wilson_interval
+
+
+def scores_of(gains: dict, costs: dict) -> dict:
+    return {
+        k: NeuronScores(torch.tensor(g, dtype=torch.float64), torch.tensor(costs[k]))
+        for k, g in gains.items()
+    }
+
+
+def test_global_ranks_by_gain_per_parameter_across_layers_and_spends_the_budget():
+    gains = {(0, "mlp"): [4.0, 1.0, -2.0], (1, "attn"): [3.0, 0.5, 0.0]}
+    costs = {(0, "mlp"): [0.0, 0.0, 0.0], (1, "attn"): [0.0, 0.0, 0.0]}
+    sizes = {(0, "mlp"): 4, (1, "attn"): 2}  # per parameter: mlp 1.0, 0.25; attn 1.5, 0.25
+    sel = select_global(scores_of(gains, costs), sizes, budget=6, p=0)
+    assert [(c.layer, c.index) for c in sel.candidates] == [(1, 0), (0, 0)]
+    # the next unit (gain/param 0.25, size 2 or 4) would pass the budget of 6: stop
+    assert sum(sizes[(c.layer, c.space)] for c in sel.candidates) <= 6
+    big = select_global(scores_of(gains, costs), sizes, budget=100, p=0)
+    # only units with positive gain are ever candidates
+    assert {(c.layer, c.index) for c in big.candidates} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_global_excludes_the_costliest_units_and_skips_frozen_ones_without_changing_candidates():
+    gains = {(0, "mlp"): [4.0, 3.0, 2.0, 1.0]}
+    costs = {(0, "mlp"): [9.0, 0.0, 0.0, 0.0]}
+    sizes = {(0, "mlp"): 1}
+    sel = select_global(scores_of(gains, costs), sizes, budget=2, p=25)  # top 25 % by cost = unit 0
+    assert [c.index for c in sel.candidates] == [1, 2]
+    frozen = {NeuronId(0, "mlp", 1): "weapons"}
+    sel2 = select_global(scores_of(gains, costs), sizes, budget=2, p=25, frozen=frozen)
+    assert sel2.candidates == sel.candidates
+    assert [s.index for s in sel2.selected] == [2]
+    assert [(s.index, s.owner) for s in sel2.skipped] == [(1, "weapons")]
+    assert sel2.counts[0].skipped == 1 and sel2.counts[0].selected == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=30),
+    st.integers(0, 40),
+    st.sampled_from([0.0, 10.0, 50.0]),
+)
+def test_entries_match_a_sorted_reference(values, budget, p):
+    gain = torch.tensor(values, dtype=torch.float32)
+    values = gain.tolist()  # the reference sees the same float32 values
+    half = len(values) // 2
+    g = {"a": gain[:half].reshape(1, -1), "b": gain[half:].reshape(-1)}
+    cost_flat = torch.arange(len(values), dtype=torch.float32)  # later entries cost more
+    c = {"a": cost_flat[:half].reshape(1, -1), "b": cost_flat[half:].reshape(-1)}
+    masks = select_entries(g, c, budget, p)
+    chosen = torch.cat([masks["a"].flatten(), masks["b"].flatten()])
+    k_excl = math.ceil(len(values) * p / 100)
+    allowed = [i for i in range(len(values)) if i < len(values) - k_excl and values[i] > 0]
+    ref = sorted(allowed, key=lambda i: (-values[i], i))[:budget]
+    assert sorted(torch.nonzero(chosen).flatten().tolist()) == sorted(ref)
+
+
+def test_neurons_of_entries_counts_entries_per_neuron_along_the_right_axis():
+    masks = {
+        "gate": torch.tensor([[True, True, False], [False, False, False]]),  # rows = neurons
+        "down": torch.tensor([[False, True], [False, True], [True, False]]),  # columns = neurons
+    }
+    units = {"gate": (3, "mlp", 0), "down": (3, "mlp", 1)}
+    assert neurons_of_entries(masks, units) == {NeuronId(3, "mlp", 0): 3, NeuronId(3, "mlp", 1): 2}
+
+
+def test_bad_budgets_are_refused():
+    with pytest.raises(ConfigError):
+        select_entries({"a": torch.ones(3)}, {"a": torch.zeros(3)}, -1, 0)
+    with pytest.raises(ConfigError):
+        select_global({}, {}, 10, 101)
+
+
+def test_wilson_interval_known_values():
+    w = wilson_interval(5, 10)
+    assert w["rate"] == 0.5
+    assert w["low"] == pytest.approx(0.2366, abs=1e-4) and w["high"] == pytest.approx(0.7634, abs=1e-4)
+    zero = wilson_interval(0, 10)
+    assert zero["low"] == 0.0 and zero["high"] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0)["high"] == 1.0
+
+
+def test_paired_bootstrap_sees_identical_arms_as_no_difference_and_a_shift_as_a_shift():
+    a = [1, 0, 1, 1, 0, 0, 1, 0]
+    same = paired_bootstrap_diff(
+        lambda idx: sum(a[i] for i in idx["x"]) - sum(a[i] for i in idx["x"]), {"x": 8}
+    )
+    assert same == (0, 0)
+    b = [x + 1 for x in a]
+    lo, hi = paired_bootstrap_diff(
+        lambda idx: (sum(b[i] for i in idx["x"]) - sum(a[i] for i in idx["x"])) / len(idx["x"]), {"x": 8}
+    )
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    # an unpaired-looking noisy difference has an interval that contains its point value
+    c = [1, 1, 1, 0, 1, 1, 1, 1]
+    lo, hi = paired_bootstrap_diff(
+        lambda idx: (sum(c[i] for i in idx["x"]) - sum(a[i] for i in idx["x"])) / 8, {"x": 8}, draws=500
+    )
+    assert lo < (sum(c) - sum(a)) / 8 < hi
