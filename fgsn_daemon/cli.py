@@ -57,18 +57,15 @@ def apply(
     benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    scoring: Annotated[
-        str, typer.Option(help="unit score: wanda | contrast | attribution")
-    ] = defaults.SCORING,
+    preset: Annotated[
+        str, typer.Option(help=f"named setting: {' | '.join(defaults.PRESETS)} (options below override it)")
+    ] = defaults.DEFAULT_PRESET,
+    scoring: Annotated[str | None, typer.Option(help="unit score: wanda | contrast | attribution")] = None,
     positions: Annotated[str, typer.Option(help="token positions for statistics: all | last")] = "all",
-    operator: Annotated[
-        str, typer.Option(help="safe_lora | projector | per_neuron | restore")
-    ] = defaults.OPERATOR,
-    q: Annotated[float, typer.Option(help="top-q %% by harmful score")] = defaults.Q,
-    p: Annotated[float, typer.Option(help="minus top-p %% by benign score")] = defaults.P,
-    spaces: Annotated[str, typer.Option(help="comma-separated neuron spaces: mlp, attn")] = ",".join(
-        defaults.SPACES
-    ),
+    operator: Annotated[str | None, typer.Option(help="safe_lora | projector | per_neuron | restore")] = None,
+    q: Annotated[float | None, typer.Option(help="top-q %% by harmful score (per-layer allocation)")] = None,
+    p: Annotated[float | None, typer.Option(help="minus top-p %% by benign score")] = None,
+    spaces: Annotated[str | None, typer.Option(help="comma-separated neuron spaces: mlp, attn")] = None,
     band: Annotated[str | None, typer.Option(help="override the safety band, e.g. 10:15")] = None,
     score_model: Annotated[
         str, typer.Option(help="whose activations to score: aligned | finetuned")
@@ -78,13 +75,17 @@ def apply(
     max_length: Annotated[int, typer.Option()] = 256,
     max_shard_mb: Annotated[int, typer.Option(help="output shard size limit in MiB")] = 2048,
     allocation: Annotated[
-        str, typer.Option(help="attribution: per_layer (q %% per band layer) | global (--budget)")
-    ] = defaults.ALLOCATION,
-    budget: Annotated[float, typer.Option(help="attribution: %% of all parameters (global, entry)")] = (
-        defaults.BUDGET
-    ),
-    unit: Annotated[str, typer.Option(help="attribution: neuron | entry (single weights)")] = "neuron",
-    scope: Annotated[str, typer.Option(help="attribution: layers that compete: all | band")] = defaults.SCOPE,
+        str | None, typer.Option(help="attribution: per_layer (q %% per band layer) | global (--budget)")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="attribution: %% of all parameters (global, entry)")
+    ] = None,
+    unit: Annotated[str | None, typer.Option(help="attribution: neuron | entry (single weights)")] = None,
+    scope: Annotated[str | None, typer.Option(help="attribution: layers that compete: all | band")] = None,
+    guard: Annotated[
+        float | None,
+        typer.Option(help="over-refusal guard: max rise in points on benign calibration prompts"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the full result record as JSON")] = False,
 ) -> None:
     """Find one dimension's safety neurons, project them, and write a loadable checkpoint."""
@@ -92,22 +93,26 @@ def apply(
     from fgsn_daemon.prompts import load_prompts
 
     try:
+        given = {
+            "scoring": scoring,
+            "operator": operator,
+            "q": q,
+            "p": p,
+            "spaces": None if spaces is None else tuple(s.strip() for s in spaces.split(",") if s.strip()),
+            "allocation": allocation,
+            "budget": budget,
+            "unit": unit,
+            "scope": scope,
+            "guard": guard,
+        }
         params = FGSNParams(
-            scoring=scoring,
+            **{**defaults.preset(preset), **{k: v for k, v in given.items() if v is not None}},
             positions=positions,
-            operator=operator,
-            q=q,
-            p=p,
-            spaces=tuple(s.strip() for s in spaces.split(",") if s.strip()),
             score_model=score_model,
             rank=rank,
             band=parse_band(band),
             batch_size=batch_size,
             max_length=max_length,
-            allocation=allocation,
-            budget=budget,
-            unit=unit,
-            scope=scope,
         )
         params.validate()
         harmful_prompts = load_prompts(harmful)

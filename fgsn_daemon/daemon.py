@@ -90,6 +90,7 @@ def engine_params(settings: Settings) -> FGSNParams:
         scope=p.scope,
         unit=p.unit,
         target_tokens=p.target_tokens,
+        guard=p.guard,
     )
 
 
@@ -563,7 +564,11 @@ class Daemon:
             if params.unit == "entry":
                 masks = loc.localise_entries(harmful, list(dim.benign) if dim.benign else None)
                 selection = skip_frozen(entry_selection(loc, masks), frozen)
-                masks_digest = save_masks(self.masks_dir, masks)
+                masks_digest = save_masks(
+                    self.masks_dir,
+                    masks,
+                    unit_tensors(self.open_models(), range(self.open_models().num_layers), params.spaces),
+                )
                 entries = sum(int(m.sum()) for m in masks.values())
             else:
                 scores = loc.score_prompts(

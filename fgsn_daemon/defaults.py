@@ -1,19 +1,76 @@
-"""The default FGSN setting, in one place: the engine, the daemon's settings, ``fgsn apply`` and
-the experiment harness all read it. Chosen by measurement (README "Choosing the default"):
-on the tiny organism, contrast scoring with the restore operator beat the paper's reading
-(Wanda + Safe LoRA) for every operator/scoring pairing, and q = 10 % over MLP + attention
-neurons gave the largest margin over random neurons within the 5 % parameter and 3-point
-utility budgets; on SmolLM2 no setting differed from random neurons.
+"""The FGSN settings, in one place: named presets and the default one. The engine, the daemon's
+settings, ``fgsn apply`` and the experiment harnesses all read them.
+
+- ``attribution`` (delta attribution, chosen by measurement on the SmolLM2 trio's selection split;
+  README "Choosing the default"): single weight entries whose revert to the aligned value most
+  lowers the refusal loss, ranked over all layers, under a global parameter budget.
+- ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
+  and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
+- ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
 """
 
 from __future__ import annotations
 
-SCORING = "contrast"
-OPERATOR = "restore"
-Q = 10.0  # top-q % of neurons by harmful score, per (layer, space)
-P = 5.0  # minus the top-p % by benign score
-SPACES: tuple[str, ...] = ("mlp", "attn")
-ALLOCATION = "per_layer"  # attribution only: per_layer (q % of each band layer) | global (a budget)
-BUDGET = 1.0  # attribution with global allocation: percent of all parameters
-SCOPE = "all"  # attribution with global allocation: all layers compete, or the band only
-UNIT = "neuron"  # attribution only: neuron | entry (single weight entries, restored to aligned)
+from typing import Any
+
+from fgsn_daemon.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "attribution": {
+        "scoring": "attribution",
+        "operator": "restore",
+        "q": 10.0,
+        "p": 0.0,
+        "spaces": ("mlp", "attn"),
+        "allocation": "global",
+        "budget": 0.1,
+        "unit": "entry",
+        "scope": "all",
+        "guard": None,
+    },
+    "activation": {
+        "scoring": "contrast",
+        "operator": "restore",
+        "q": 10.0,
+        "p": 5.0,
+        "spaces": ("mlp", "attn"),
+        "allocation": "per_layer",
+        "budget": 1.0,
+        "unit": "neuron",
+        "scope": "all",
+        "guard": None,
+    },
+    "paper": {
+        "scoring": "wanda",
+        "operator": "safe_lora",
+        "q": 5.0,
+        "p": 5.0,
+        "spaces": ("mlp",),
+        "allocation": "per_layer",
+        "budget": 1.0,
+        "unit": "neuron",
+        "scope": "all",
+        "guard": None,
+    },
+}
+DEFAULT_PRESET = "activation"
+
+
+def preset(name: str) -> dict[str, Any]:
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})") from None
+
+
+_DEFAULT = PRESETS[DEFAULT_PRESET]
+SCORING: str = _DEFAULT["scoring"]
+OPERATOR: str = _DEFAULT["operator"]
+Q: float = _DEFAULT["q"]  # top-q % of neurons by harmful score, per (layer, space) (per-layer allocation)
+P: float = _DEFAULT["p"]  # minus the top-p % by benign score
+SPACES: tuple[str, ...] = _DEFAULT["spaces"]
+ALLOCATION: str = _DEFAULT["allocation"]  # attribution: per_layer (q % of each band layer) | global
+BUDGET: float = _DEFAULT["budget"]  # global allocation / entry units: percent of all parameters
+UNIT: str = _DEFAULT["unit"]  # attribution: neuron | entry (single weight entries, restored to aligned)
+SCOPE: str = _DEFAULT["scope"]  # global allocation: all layers compete, or the band only
+GUARD: float | None = _DEFAULT["guard"]  # over-refusal guard (points), None = off

@@ -225,6 +225,7 @@ class StudyConfig:
     settings: list[Setting]
     random_seeds: tuple[int, ...]
     controls: tuple[str, ...]  # activation-scoring rows at the old default: contrast, wanda
+    baselines: tuple[str, ...] = ()  # safe_lora, resta, paper (Wanda + Safe-LoRA operator, q 5 %, MLP)
     max_train: int = 64
     max_benign_train: int = 128
     max_new_tokens: int = 16
@@ -342,6 +343,13 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 with_randoms(
                     row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s))
                 )
+        for method in cfg.baselines:
+            row = baseline_row(method, trio, band, loc, pooled, inputs.benign_train, device, evaluated)
+            if method == "paper":
+                neurons = row.pop("_neurons")
+                with_randoms(
+                    row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s))
+                )
     finally:
         trio.close()
     for row in rows:
@@ -364,6 +372,58 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+BASELINES = ("safe_lora", "resta", "paper")
+
+
+def baseline_row(
+    method: str,
+    trio: ModelTrio,
+    band: Any,
+    loc: Localiser,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    device: torch.device,
+    evaluated: Callable[[str, Any, Mapping[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """A dense baseline (Safe LoRA τ = 0.5, RESTA β = 0.5) or the FGSN paper's reading (Wanda
+    scores, q = p = 5 % of each band layer's MLP neurons, Safe-LoRA operator), written to a scratch
+    checkpoint by the same code as the main table and evaluated like every other row."""
+    import shutil
+    import tempfile
+
+    from fgsn_daemon import baselines
+    from fgsn_daemon.activations import load_model
+    from fgsn_daemon.engine import write_edited_checkpoint
+
+    scratch = Path(tempfile.mkdtemp(prefix="fgsn-efficacy-"))
+    out = scratch / "model"
+    try:
+        extra: dict[str, Any] = {"group": "baseline"}
+        if method == "safe_lora":
+            res = baselines.safe_lora(trio, out, tau=0.5)
+            extra["share"], name = res.share_modified, "Safe LoRA (τ = 0.5)"
+        elif method == "resta":
+            res = baselines.resta(trio, out, beta=0.5)
+            extra["share"], name = res.share_modified, "RESTA (β = 0.5)"
+        elif method == "paper":
+            loc.params = replace(loc.params, allocation="per_layer", unit="neuron", spaces=("mlp",))
+            scores = loc.score(loc.collect(harmful, band.layers), loc.collect(benign, band.layers), "wanda")
+            neurons = group_by_layer_space(select_neurons(scores, 5.0, 5.0).selected)
+            outcome = write_edited_checkpoint(trio, neurons, "safe_lora", out, band, ("mlp",), device=device)
+            extra["share"], name = outcome.modification.ratio, "paper reading (Wanda / Safe LoRA / q 5 / MLP)"
+            extra["_neurons"] = neurons
+        else:
+            raise ConfigError(f"unknown baseline {method!r} (choose from {', '.join(BASELINES)})")
+        model = load_model(out, device)
+        neurons_kept = extra.pop("_neurons", None)
+        row = evaluated(name, model, extra)
+        if neurons_kept is not None:
+            row["_neurons"] = neurons_kept
+        return row
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_continual(
@@ -547,6 +607,25 @@ def study_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def frontier_plot(result: Mapping[str, Any], out: Path, highlight: str | None = None) -> Path | None:
+    """ASR against utility for every row, the parameter share in each label (the frontier)."""
+    try:
+        from fgsn_daemon.plots import PlotPoint, tradeoff_plot
+    except ImportError:  # matplotlib is a lab extra
+        return None
+    points = [
+        PlotPoint(
+            label=f"{r['name']} [{pct(r.get('share') or 0.0, 2)} %]",
+            utility=r["utility"]["rate"],
+            mean_asr=r["mean_asr"],
+            group=r["group"],
+            highlight=r["name"] == highlight,
+        )
+        for r in result["rows"]
+    ]
+    return tradeoff_plot(points, out, f"ASR vs utility ({result['split']} split); [% of parameters modified]")
+
+
 def parse_list(text: str, kind: type = str) -> list[Any]:
     return [kind(x) for x in text.split(",") if x]
 
@@ -567,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--random-seeds", default="0")
     ap.add_argument("--controls", default="", help="activation scorings to show at the old default")
+    ap.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES)}")
     ap.add_argument("--max-train-prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -616,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings=settings,
             random_seeds=tuple(parse_list(args.random_seeds, int)),
             controls=tuple(parse_list(args.controls)),
+            baselines=tuple(parse_list(args.baselines)),
             max_train=args.max_train_prompts,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
@@ -642,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / f"efficacy-{args.split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     text = study_markdown(result)
     (args.out / f"efficacy-{args.split}.md").write_text(text, encoding="utf-8")
+    frontier_plot(result, args.out / f"frontier-{args.split}.png")
     print(text)
     return 0
 

@@ -85,7 +85,7 @@ class FGSNParams:
     # over-refusal guard (global / entry units): the budget is cut, along a halving ladder, to the
     # largest step whose refusal rate on benign calibration prompts stays within this many points
     # of the fine-tuned model's; None = no guard
-    guard: float | None = None
+    guard: float | None = defaults.GUARD
     guard_prompts: int = 64  # benign calibration prompts (from the scoring set, never the report set)
 
     def validate(self) -> None:

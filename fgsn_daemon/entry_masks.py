@@ -34,6 +34,20 @@ def pack(masks: Mapping[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict
     return arrays, {"shapes": json.dumps(shapes, sort_keys=True)}
 
 
+def per_neuron_counts(
+    masks: Mapping[str, torch.Tensor], units: Mapping[str, tuple[int, str, int]]
+) -> dict[NeuronId, int]:
+    """Selected entries per neuron (``units``: tensor name -> (layer, space, neuron axis))."""
+    out: dict[NeuronId, int] = {}
+    for name, mask in masks.items():
+        layer, space, axis = units[name]
+        per = (mask if mask.dim() == 2 else mask.reshape(-1, 1)).sum(dim=1 - axis)
+        for idx in per.nonzero().flatten().tolist():
+            key = NeuronId(layer, space, idx)
+            out[key] = out.get(key, 0) + int(per[idx])
+    return out
+
+
 def content_hash(masks: Mapping[str, torch.Tensor]) -> str:
     arrays, meta = pack(masks)
     h = hashlib.sha256(meta["shapes"].encode())
@@ -42,15 +56,19 @@ def content_hash(masks: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_masks(folder: Path, masks: Mapping[str, torch.Tensor]) -> str:
+def save_masks(
+    folder: Path, masks: Mapping[str, torch.Tensor], units: Mapping[str, tuple[int, str, int]]
+) -> str:
     """Write the masks under ``folder/<sha256>.safetensors`` (atomically, fsynced); return the hash.
-    An existing file of the same hash is the same content and is kept."""
+    ``units`` (tensor -> layer, space, neuron axis) rides along so queries can count entries per
+    neuron without the model. An existing file of the same hash is the same content and is kept."""
     digest = content_hash(masks)
     path = folder / f"{digest}{SUFFIX}"
     if path.is_file():
         return digest
     folder.mkdir(parents=True, exist_ok=True)
     arrays, meta = pack(masks)
+    meta["units"] = json.dumps({n: list(units[n]) for n in sorted(masks)}, sort_keys=True)
     tmp = folder / f".{digest}.tmp-{os.getpid()}"
     save_file(arrays, str(tmp), metadata=meta)
     with open(tmp, "rb") as f:
@@ -61,6 +79,12 @@ def save_masks(folder: Path, masks: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_masks(folder: Path, digest: str) -> dict[str, torch.Tensor]:
+    return load_masks_and_units(folder, digest)[0]
+
+
+def load_masks_and_units(
+    folder: Path, digest: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, str, int]]]:
     path = folder / f"{digest}{SUFFIX}"
     if not path.is_file():
         raise FGSNError(f"entry mask file {path} is missing (the registry names it); the state is incomplete")
@@ -68,6 +92,7 @@ def load_masks(folder: Path, digest: str) -> dict[str, torch.Tensor]:
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}
+    units = {n: (int(u[0]), str(u[1]), int(u[2])) for n, u in json.loads(meta.get("units", "{}")).items()}
     shapes = json.loads(meta.get("shapes", "{}"))
     arrays = load_file(str(path))
     out = {}
@@ -77,7 +102,7 @@ def load_masks(folder: Path, digest: str) -> dict[str, torch.Tensor]:
         out[name] = torch.from_numpy(np.unpackbits(packed)[:count].astype(np.bool_)).reshape(shape)
     if content_hash(out) != digest:
         raise FGSNError(f"entry mask file {path} does not match its hash (corrupted)")
-    return out
+    return out, units
 
 
 def restrict_to_neurons(

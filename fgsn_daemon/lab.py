@@ -237,6 +237,10 @@ class TinyConfig:
     align_mix: tuple[tuple[str, float], ...] = (("harmful_refuse", 0.4), ("benign", 0.35), ("add", 0.25))
     ft_mix: tuple[tuple[str, float], ...] = (("mul", 0.5), ("add", 0.2), ("benign", 0.3))
     ft_contamination: float = 0.0  # share of harmful→compliant examples in fine-tuning batches
+    ft_method: str = "full"  # full | lora (every projection, merged into the saved weights)
+    ft_lora_rank: int = 8
+    ft_lora_alpha: float = 16.0
+    ft_lora_lr: float = 3e-3
     eval_per_dimension: int = 40
     eval_benign: int = 60
     eval_utility: int = 80
@@ -719,15 +723,26 @@ def _build_into(
 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(model_config(cfg, tokenizer))
+        lora = cfg.ft_method == "lora"
         plan: list[tuple[str, dict[str, Any], Sequence[tuple[str, float]], int, float]] = [
             ("base", full, cfg.base_mix, cfg.base_steps, cfg.base_lr),
             ("aligned", resp, cfg.align_mix, cfg.align_steps, cfg.align_lr),
-            ("finetuned", resp, ft_mix(cfg), cfg.ft_steps, cfg.ft_lr),
+            ("finetuned", resp, ft_mix(cfg), cfg.ft_steps, cfg.ft_lora_lr if lora else cfg.ft_lr),
         ]
         for i, (stage, encoded, mix, steps, lr) in enumerate(plan):
             t = time.perf_counter()
-            log(f"tiny trio: training {stage} ({steps} steps)")
+            how = ", LoRA" if lora and stage == "finetuned" else ""
+            log(f"tiny trio: training {stage} ({steps} steps{how})")
+            wrapped = {}
+            if lora and stage == "finetuned":
+                from fgsn_daemon.lora_train import attach_lora
+
+                wrapped = attach_lora(model, LORA_TARGETS, cfg.ft_lora_rank, cfg.ft_lora_alpha, seed + i + 1)
             losses[stage] = train_stage(model, encoded, mix, steps, lr, cfg, seed + i + 1, pad_id, log)
+            if wrapped:
+                from fgsn_daemon.lora_train import merge_lora
+
+                merge_lora(model, wrapped)
             save_stage(model, tokenizer, getattr(paths, stage))
             timings[stage] = time.perf_counter() - t
         write_organism_prompts(paths, data)
@@ -775,10 +790,23 @@ def ft_mix(cfg: TinyConfig) -> tuple[tuple[str, float], ...]:
     return (*((n, w / total * rest) for n, w in cfg.ft_mix), ("harmful_comply_ft", cfg.ft_contamination))
 
 
-def tiny_trio(seed: int = 0, config: TinyConfig | None = None, cache_dir: Path | None = None) -> TrioPaths:
-    """The cached trio for ``seed`` under :func:`default_cache_dir` (what tests and demos use)."""
-    root = (cache_dir or default_cache_dir()) / f"tiny-seed{seed}"
-    return build_tiny_trio(root, seed=seed, config=config)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The LoRA variant: the FGSN paper's setting (a LoRA fine-tune) with harmful→compliant examples
+# mixed in (Qi et al.), as in the SmolLM2 lab; the default organism is a full, benign-only fine-tune.
+TINY_LORA = TinyConfig(ft_method="lora", ft_contamination=0.03, ft_lora_lr=1e-3)
+VARIANTS = {"default": TinyConfig(), "lora": TINY_LORA}
+
+
+def tiny_trio(
+    seed: int = 0, config: TinyConfig | None = None, cache_dir: Path | None = None, variant: str = "default"
+) -> TrioPaths:
+    """The cached trio for ``seed`` under :func:`default_cache_dir` (what tests and demos use);
+    ``variant`` names a preset of :data:`VARIANTS` (each has its own folder)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny organism variant {variant!r} (known: {', '.join(VARIANTS)})")
+    suffix = "" if variant == "default" else f"-{variant}"
+    root = (cache_dir or default_cache_dir()) / f"tiny-seed{seed}{suffix}"
+    return build_tiny_trio(root, seed=seed, config=config or VARIANTS[variant])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -788,9 +816,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiny.add_argument("--out", type=Path, default=None, help="trio folder (default: the lab cache)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    tiny.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="organism preset")
     args = parser.parse_args(argv)
-    out = args.out or default_cache_dir() / f"tiny-seed{args.seed}"
-    paths = build_tiny_trio(out, seed=args.seed, force=args.force)
+    suffix = "" if args.variant == "default" else f"-{args.variant}"
+    out = args.out or default_cache_dir() / f"tiny-seed{args.seed}{suffix}"
+    paths = build_tiny_trio(out, seed=args.seed, config=VARIANTS[args.variant], force=args.force)
     manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
     summary = {k: manifest[k] for k in ("timings_s", "metrics") if k in manifest}
     print(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # one colour per row group, so methods of one kind read as a family at a glance
-GROUP_COLOURS = {"reference": "#444444", "fgsn": "#1f77b4", "baseline": "#d62728"}
+GROUP_COLOURS = {"reference": "#444444", "fgsn": "#1f77b4", "baseline": "#d62728", "random": "#9e9e9e"}
 
 
 @dataclass(frozen=True)

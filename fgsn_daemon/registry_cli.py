@@ -250,15 +250,31 @@ def neurons(
     lineage: LineageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Frozen neurons (active claims): layer, space, index and owning dimension."""
+    """Frozen neurons (active claims): layer, space, index, owning dimension and, for entry units,
+    how many of the neuron's entries the owner restores."""
     with _errors(), _reader(config, database_url, state_dir) as (registry, _url):
         lineage_id = _lineage(registry, lineage)
         claims = [] if lineage_id is None else registry.neurons(lineage_id, dimension=dimension, layer=layer)
+        entries = (
+            {}
+            if lineage_id is None
+            else _entry_counts(
+                registry, claims, _settings(config, database_url, state_dir).state_dir, lineage_id
+            )
+        )
         if as_json:
-            _print_json([c.model_dump(mode="json") for c in claims])
+            _print_json(
+                [
+                    {
+                        **c.model_dump(mode="json"),
+                        "entries": entries.get((c.revision_id, c.layer, c.space, c.index)),
+                    }
+                    for c in claims
+                ]
+            )
             return
         _print_table(
-            ["LAYER", "SPACE", "INDEX", "DIMENSION", "REV", "CLAIMED"],
+            ["LAYER", "SPACE", "INDEX", "DIMENSION", "REV", "ENTRIES", "CLAIMED"],
             [
                 [
                     str(c.layer),
@@ -266,11 +282,30 @@ def neurons(
                     str(c.index),
                     c.dimension,
                     str(c.revision_number),
+                    str(entries.get((c.revision_id, c.layer, c.space, c.index), "all")),
                     _time(c.claimed_at),
                 ]
                 for c in claims
             ],
         )
+
+
+def _entry_counts(
+    registry: RegistrySnapshot, claims: list[Any], state_dir: Path, lineage_id: int
+) -> dict[tuple[int, int, str, int], int]:
+    """(revision, layer, space, index) -> entries the revision restores in that neuron, for the
+    revisions applied with entry units (their mask files live in the state folder)."""
+    from fgsn_daemon.entry_masks import load_masks_and_units, per_neuron_counts
+
+    out: dict[tuple[int, int, str, int], int] = {}
+    folder = state_dir / f"lineage-{lineage_id}" / "entry-masks"
+    for rev_id in sorted({c.revision_id for c in claims}):
+        digest = (registry.revision(rev_id).summary or {}).get("entry_masks")
+        if digest:
+            masks, units = load_masks_and_units(folder, digest)
+            for n, count in per_neuron_counts(masks, units).items():
+                out[(rev_id, n.layer, n.space, n.index)] = count
+    return out
 
 
 def history(

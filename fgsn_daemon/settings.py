@@ -75,6 +75,22 @@ class FGSNParams(BaseModel):
     scope: Literal["all", "band"] = defaults.SCOPE  # type: ignore[assignment]
     unit: Literal["neuron", "entry"] = defaults.UNIT  # type: ignore[assignment]
     target_tokens: int = Field(default=32, ge=1, description="length of the attribution targets")
+    guard: float | None = Field(
+        default=defaults.GUARD, ge=0, le=100, description="over-refusal guard (points)"
+    )
+    # a named setting (fgsn_daemon.defaults.PRESETS) whose values fill every field not given explicitly
+    preset: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            try:
+                values = defaults.preset(str(data["preset"]))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            return {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **data}
+        return data
 
     @model_validator(mode="after")
     def _attribution_only(self) -> FGSNParams:

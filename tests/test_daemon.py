@@ -411,6 +411,12 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     assert all(s and s["entry_masks"] and s["entries"] > 0 for s in summaries.values())
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
+    listed = fgsn("neurons", "--json", "--state-dir", str(state), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert len(rows) == len(flat) and all(r["entries"] > 0 for r in rows)
+    # every entry of the test trio differs between aligned and fine-tuned: counts = changed entries
+    assert sum(r["entries"] for r in rows) == total_changed
 
     cfg = tmp_path / "fgsn-state.toml"
     rolled = fgsn("rollback", "b_weapons", "--config", str(cfg))
