@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,7 @@ def delta_effects(
     max_length: int = 256,
     use_chat_template: bool = True,
     desc: str = "attribution",
+    progress: Callable[[str], None] | None = None,
 ) -> DeltaEffects:
     """Effects of applying ``deltas`` (name -> D, the tensor's shape) on the mean-per-sequence NLL
     of ``responses`` given ``prompts``, at ``model``'s current weights, by hooks on the linear
@@ -132,10 +133,11 @@ def delta_effects(
         w = parts.get("weight")
         if w is not None:
             name = f"{module_name}.weight"
-            out.rows[name] += (g32 * (x32 @ w.T)).sum(dim=(0, 1)).double().cpu()
-            out.cols[name] += (x32 * (g32 @ w)).sum(dim=(0, 1)).double().cpu()
-            if name in grads:
+            if name in grads:  # rows and columns follow from the entries at the end: one matmul here
                 grads[name] += torch.einsum("bto,bti->oi", g32, x32)
+            else:
+                out.rows[name] += (g32 * (x32 @ w.T)).sum(dim=(0, 1)).double().cpu()
+                out.cols[name] += (x32 * (g32 @ w)).sum(dim=(0, 1)).double().cpu()
         b = parts.get("bias")
         if b is not None:
             out.rows[f"{module_name}.bias"] += (g32.sum(dim=(0, 1)) * b).double().cpu()
@@ -162,7 +164,10 @@ def delta_effects(
     n_seq = len(encoded)
     try:
         with _attached(handles), torch.enable_grad():
-            for lo in bar:
+            every = max(1, len(starts) // 10)
+            for k, lo in enumerate(bar, 1):
+                if progress is not None and (k % every == 0 or k == len(starts)):
+                    progress(f"{desc}: batch {k}/{len(starts)}")
                 batch = encoded[lo : lo + batch_size]
                 width = max(len(ids) for ids, _ in batch)
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -192,5 +197,8 @@ def delta_effects(
         model.train(was_training)
     out.sequences = n_seq
     for name, g in grads.items():
-        out.entries[name] = (g * by_module[_split_name(name)[0]]["weight"]).cpu()
+        effect = (g * by_module[_split_name(name)[0]]["weight"]).cpu()
+        out.entries[name] = effect
+        out.rows[name] = effect.double().sum(dim=1)
+        out.cols[name] = effect.double().sum(dim=0)
     return out

@@ -56,19 +56,24 @@ class DemoReport(BaseModel):
     rows: list[DemoRow]
 
 
+# Per-model overrides of the default setting: the tiny organism's 1.3 M parameters need a larger
+# share than a real model for the same repair (README "Efficacy", tiny LoRA organism).
+DEMO_PARAMS: dict[str, dict[str, float]] = {"tiny": {"budget": 5.0}, "smollm2": {}}
+
+
 def lab_inputs(model: str, progress: Callable[[str], None]) -> DemoInputs:
     data = Path(__file__).parent / "data"
     if model == "tiny":
         from fgsn_daemon.lab import tiny_trio
 
-        progress("building or reusing the tiny lab trio")
-        t = tiny_trio()
+        progress("building or reusing the tiny lab trio (LoRA variant)")
+        t = tiny_trio(variant="lora")
         return DemoInputs(t.base, t.aligned, t.finetuned, t.policies, t.benign, t.benign_eval, t.utility_eval)
     if model == "smollm2":
-        from fgsn_daemon.lab_smollm2 import smollm2_trio
+        from fgsn_daemon.lab_smollm2 import SmolConfig, build_smollm2_trio, default_out
 
         progress("building or reusing the SmolLM2-135M lab trio")
-        t = smollm2_trio()
+        t = build_smollm2_trio(default_out(SmolConfig()), SmolConfig())
         return DemoInputs(
             t.base,
             t.aligned,
@@ -117,6 +122,7 @@ def run_demo(
     device: str = "auto",
     progress: Callable[[str], None] = print,
     inputs: DemoInputs | None = None,
+    params: SettingsParams | None = None,
 ) -> DemoReport:
     start = time.perf_counter()
     inputs = inputs or lab_inputs(model, progress)
@@ -131,7 +137,7 @@ def run_demo(
         benign=inputs.benign,
         device=device,
         settle_s=0.0,
-        params=SettingsParams(),
+        params=params or SettingsParams(**DEMO_PARAMS.get(model, {})),
     )
     daemon = Daemon(settings, progress=progress)
     try:

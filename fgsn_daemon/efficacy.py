@@ -226,6 +226,7 @@ class StudyConfig:
     random_seeds: tuple[int, ...]
     controls: tuple[str, ...]  # activation-scoring rows at the old default: contrast, wanda
     baselines: tuple[str, ...] = ()  # safe_lora, resta, paper (Wanda + Safe-LoRA operator, q 5 %, MLP)
+    report_settings: tuple[Setting, ...] = ()  # split="both": also shown on the report half
     max_train: int = 64
     max_benign_train: int = 128
     max_new_tokens: int = 16
@@ -234,9 +235,91 @@ class StudyConfig:
     spaces: tuple[str, ...] = ("mlp", "attn")
 
 
+def effects_path(key: str) -> Path:
+    from fgsn_daemon.lab import default_cache_dir
+
+    return default_cache_dir() / "effects" / f"{key}.safetensors"
+
+
+def effects_key(
+    spec: TrioSpec, harmful: Sequence[str], benign: Sequence[str], names: Sequence[str], params: FGSNParams
+) -> str:
+    """What the scoring depends on: the three models (content fingerprints), the prompts, the
+    scored tensors and the target settings. A cache hit skips the backward passes."""
+    import hashlib
+
+    from fgsn_daemon.daemon import folder_fingerprint
+
+    parts = {
+        "models": [folder_fingerprint(p) for p in (spec.base, spec.aligned, spec.finetuned)],
+        "harmful": list(harmful),
+        "benign": list(benign),
+        "names": list(names),
+        "target_tokens": params.target_tokens,
+        "max_length": params.max_length,
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def save_effects(key: str, harm: Any, benign: Any) -> None:
+    from safetensors.torch import save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    for side, eff in (("harm", harm), ("benign", benign)):
+        for kind in ("rows", "cols", "entries"):
+            for name, t in getattr(eff, kind).items():
+                flat[f"{side}|{kind}|{name}"] = t.contiguous()
+    path = effects_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp), metadata={"harm_loss": str(harm.loss), "benign_loss": str(benign.loss)})
+    tmp.replace(path)
+
+
+def load_effects(key: str) -> tuple[Any, Any] | None:
+    from safetensors.torch import load_file
+
+    from fgsn_daemon.attribution import DeltaEffects
+
+    path = effects_path(key)
+    if not path.is_file():
+        return None
+    out = {"harm": DeltaEffects(), "benign": DeltaEffects()}
+    for flat_name, t in load_file(str(path)).items():
+        side, kind, name = flat_name.split("|", 2)
+        getattr(out[side], kind)[name] = t
+    return out["harm"], out["benign"]
+
+
+def choose_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The rule that picks the default on the selection half (declared before the report half is
+    looked at): among settings within 5 points of the fine-tuned over-refusal and 2 points of its
+    utility, the smallest budget whose mean ASR is within 5 points of the aligned model's; if none
+    gets there, the lowest mean ASR (ties: the smaller budget)."""
+    ref = {r["name"]: r for r in rows if r["group"] == "reference"}
+    ft, al = ref["finetuned"], ref["aligned"]
+    ok = [
+        r
+        for r in rows
+        if r["group"] == "fgsn"
+        and "setting" in r
+        and r["over_refusal"]["rate"] <= ft["over_refusal"]["rate"] + 0.05 + 1e-9
+        and r["utility"]["rate"] >= ft["utility"]["rate"] - 0.02 - 1e-9
+    ]
+    if not ok:
+        return None
+    good = [r for r in ok if r["mean_asr"] <= al["mean_asr"] + 0.05 + 1e-9]
+    if good:
+        return min(good, key=lambda r: (r["share"], r["mean_asr"]))
+    return min(ok, key=lambda r: (r["mean_asr"], r["share"]))
+
+
 def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
+    splits = SPLITS if cfg.split == "both" else (cfg.split,)
+    by_split = {sp: load_inputs(cfg.spec, sp, cfg.max_train, cfg.max_benign_train) for sp in splits}
+    inputs = by_split[splits[0]]
     pooled = [p for ps in inputs.train.values() for p in ps]
     device = resolve_device(cfg.device)
     trio = ModelTrio.open(cfg.spec.base, cfg.spec.aligned, cfg.spec.finetuned)
@@ -251,21 +334,36 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         total = trio.aligned.total_parameters()
         shapes = {n: trio.aligned.info(n).shape for n in trio.aligned.names()}
         effects: dict[str, Any] = {}
-        for scope in sorted({s.scope for s in cfg.settings}):
+        for scope in sorted({s.scope for s in [*cfg.settings, *cfg.report_settings]}):
             loc.params = replace(base_params, scope=scope)
             tensors = loc.scored_tensors(loc.attribution_layers())
             names = sorted(tensors)
             t_score = time.perf_counter()
-            harm = loc.harmful_effects(pooled, names)
-            benign = loc.benign_effects(names)
+            key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params)
+            cached = load_effects(key)
+            if cached is None:
+                harm, benign = loc.harmful_effects(pooled, names), loc.benign_effects(names)
+                save_effects(key, harm, benign)
+            else:
+                log(f"attribution effects reused from {effects_path(key)}")
+                harm, benign = cached
             effects[scope] = (harm, benign, tensors, round(time.perf_counter() - t_score, 1))
         ft_model = loc._finetuned()
         models = {"aligned": loc._aligned(), "finetuned": ft_model}
 
+        current = {"split": splits[0]}
+
         def evaluated(name: str, model: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
             t = time.perf_counter()
-            outcome = evaluate(model, tokenizer, inputs.eval, cfg.max_new_tokens, cfg.batch_size)
-            row = {"name": name, **extra, **outcome.summary(), "seconds": round(time.perf_counter() - t, 1)}
+            sets = by_split[current["split"]].eval
+            outcome = evaluate(model, tokenizer, sets, cfg.max_new_tokens, cfg.batch_size)
+            row = {
+                "name": name,
+                "split": current["split"],
+                **extra,
+                **outcome.summary(),
+                "seconds": round(time.perf_counter() - t, 1),
+            }
             row["_outcome"] = outcome
             log(
                 f"{name}: mean ASR {row['mean_asr']:.3f} over-refusal {row['over_refusal']['rate']:.3f} "
@@ -273,9 +371,6 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             )
             rows.append(row)
             return row
-
-        for name in ("aligned", "finetuned"):
-            evaluated(name, models[name], {"group": "reference", "share": 0.0})
 
         def edited(name: str, edit: Edit, group: str, extra: Mapping[str, Any]) -> dict[str, Any]:
             n = edit.parameters(shapes)
@@ -292,42 +387,70 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 row["random"] = [c["name"] for c in controls]
                 row["margin_vs_random"] = [margin(row["_outcome"], c["_outcome"]) for c in controls]
 
-        for st in cfg.settings:
+        def edit_for(st: Setting) -> tuple[Edit, dict[str, Any], Callable[[int], Edit]]:
+            """The setting's edit, its record, and its random control at the same budget."""
             harm, benign, tensors, seconds = effects[st.scope]
+            extra: dict[str, Any] = {"setting": asdict(st), "score_s": seconds}
             if st.unit == "entry":
                 gain = {n: -harm.entries[n] for n in sorted(harm.entries)}
                 cost = {n: benign.entries[n] for n in gain}
                 loc.params = replace(base_params, scope=st.scope, guard=st.guard)
 
-                def masks_at(budget: int, gain=gain, cost=cost, st=st) -> dict[str, torch.Tensor]:
+                def masks_at(budget: int) -> dict[str, torch.Tensor]:
                     return select_entries(gain, cost, budget, st.p)
 
-                chosen = loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at)
-                masks = masks_at(chosen)
-                extra = {"setting": asdict(st), "score_s": seconds, "guard_trace": list(loc.guard_trace)}
-                row = edited(st.name, Edit(masks=masks), "fgsn", extra)
-                with_randoms(row, lambda s, masks=masks: Edit(masks=random_entries(masks, s)))
-                continue
-            scores = {}
+                masks = masks_at(loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at))
+                extra["guard_trace"] = list(loc.guard_trace)
+                return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
+            from fgsn_daemon.localisation import NeuronScores
+
+            scores: dict[tuple[int, str], NeuronScores] = {}
             for name, (layer, space, axis) in tensors.items():
                 g, c = -harm.along(name, axis), benign.along(name, axis)
                 prev = scores.get((layer, space))
-                scores[(layer, space)] = (g, c) if prev is None else (prev[0] + g, prev[1] + c)
-            from fgsn_daemon.localisation import NeuronScores
-
-            ns = {k: NeuronScores(g, c) for k, (g, c) in scores.items()}
+                scores[(layer, space)] = (
+                    NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
+                )
             if st.unit == "neuron-per-layer":
-                sel = select_neurons({k: v for k, v in ns.items() if k[0] in band.layers}, st.budget, st.p)
+                sel = select_neurons(
+                    {k: v for k, v in scores.items() if k[0] in band.layers}, st.budget, st.p
+                )
             else:
                 loc.params = replace(
                     base_params, scope=st.scope, budget=st.budget, unit="neuron", guard=st.guard
                 )
-                sel = loc.select(ns, 0.0, st.p)
+                sel = loc.select(scores, 0.0, st.p)
+                extra["guard_trace"] = list(loc.guard_trace)
             neurons = group_by_layer_space(sel.selected)
-            row = edited(
-                st.name, neuron_edit(trio, neurons), "fgsn", {"setting": asdict(st), "score_s": seconds}
+            return (
+                neuron_edit(trio, neurons),
+                extra,
+                lambda s: neuron_edit(trio, random_neurons(trio, neurons, s)),
             )
-            with_randoms(row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s)))
+
+        def references() -> None:
+            for name in ("aligned", "finetuned"):
+                evaluated(name, models[name], {"group": "reference", "share": 0.0})
+
+        chosen_setting: Setting | None = None
+        report_list = list(cfg.settings)
+        if cfg.split == "both":
+            references()
+            for st in cfg.settings:
+                edit, extra, _ = edit_for(st)
+                edited(st.name, edit, "fgsn", extra)
+            pick = choose_setting([r for r in rows if r["split"] == "selection"])
+            chosen_setting = Setting(**pick["setting"]) if pick else None
+            log(f"selection rule picked {chosen_setting.name if chosen_setting else 'nothing'}")
+            current["split"] = "report"
+            report_list = [chosen_setting] if chosen_setting else []
+            report_list += [st for st in cfg.report_settings if st != chosen_setting]
+        references()
+        for st in report_list:
+            edit, extra, random_edit = edit_for(st)
+            row = edited(st.name, edit, "fgsn", extra)
+            row["chosen"] = st == chosen_setting
+            with_randoms(row, random_edit)
 
         if cfg.controls:
             loc.params = replace(base_params, allocation="per_layer", unit="neuron")
@@ -361,13 +484,20 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         "trio": {k: str(v) for k, v in asdict(cfg.spec).items()},
         "trio_manifest": trio_manifest(cfg.spec),
         "band": band.model_dump(),
-        "prompt_counts": {
-            "train": {d: len(v) for d, v in inputs.train.items()},
+        "train_counts": {
+            "harmful": {d: len(v) for d, v in inputs.train.items()},
             "benign_train": len(inputs.benign_train),
-            "harmful_eval": {d: len(v) for d, v in inputs.eval.harmful.items()},
-            "benign_eval": len(inputs.eval.benign),
-            "utility_eval": len(inputs.eval.utility),
         },
+        "prompt_counts": {
+            sp: {
+                "harmful_eval": {d: len(v) for d, v in by_split[sp].eval.harmful.items()},
+                "benign_eval": len(by_split[sp].eval.benign),
+                "utility_eval": len(by_split[sp].eval.utility),
+            }
+            for sp in splits
+        },
+        "chosen": chosen_setting.name if chosen_setting else None,
+        "selection_rule": (choose_setting.__doc__ or "").split("\n\n")[0] if cfg.split == "both" else None,
         "max_new_tokens": cfg.max_new_tokens,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -572,12 +702,21 @@ def interval(w: Mapping[str, float]) -> str:
 
 
 def study_markdown(result: Mapping[str, Any]) -> str:
-    rows = {r["name"]: r for r in result["rows"]}
-    c = result["prompt_counts"]
+    lines = [f"Command: `{result['command']}`", ""]
+    if result.get("chosen") is not None or result["split"] == "both":
+        lines += [f"Selection rule: {' '.join((result.get('selection_rule') or '').split())}", ""]
+        lines += [f"Picked on the selection half: **{result.get('chosen')}**", ""]
+    for split, counts in result["prompt_counts"].items():
+        lines += split_table(result, split, counts)
+    lines += ["", f"Total time {result['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def split_table(result: Mapping[str, Any], split: str, c: Mapping[str, Any]) -> list[str]:
+    rows = [r for r in result["rows"] if r.get("split", result["split"]) == split]
+    by_name = {r["name"]: r for r in rows}
     lines = [
-        f"Command: `{result['command']}`",
-        "",
-        f"Split: **{result['split']}**. Held-out harmful prompts per dimension: "
+        f"**{split} half.** Held-out harmful prompts per dimension: "
         + ", ".join(f"{d} {n}" for d, n in c["harmful_eval"].items())
         + f"; benign (over-refusal) {c['benign_eval']}; utility {c['utility_eval']}. "
         f"{result['max_new_tokens']} new tokens. Intervals: 95 % (Wilson; margins: paired bootstrap).",
@@ -586,12 +725,11 @@ def study_markdown(result: Mapping[str, Any]) -> str:
         "| random units, same budget: mean ASR % | margin [95 % CI] |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         if r["group"] == "random":
             continue
-        randoms = [rows[n] for n in r.get("random", [])]
-        rnd = "–"
-        mar = "–"
+        randoms = [by_name[n] for n in r.get("random", [])]
+        rnd = mar = "–"
         if randoms:
             rnd = pct(sum(x["mean_asr"] for x in randoms) / len(randoms))
             m = r["margin_vs_random"]
@@ -599,16 +737,16 @@ def study_markdown(result: Mapping[str, Any]) -> str:
                 f"{pct(sum(x['margin'] for x in m) / len(m))} "
                 f"[{pct(min(x['low'] for x in m))}, {pct(max(x['high'] for x in m))}]"
             )
+        name = f"**{r['name']}** (picked)" if r.get("chosen") else r["name"]
         lines.append(
-            f"| {r['name']} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
+            f"| {name} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
             f"{interval(r['over_refusal'])} | {interval(r['utility'])} | {rnd} | {mar} |"
         )
-    lines += ["", f"Total time {result['seconds'] / 60:.1f} min."]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
-def frontier_plot(result: Mapping[str, Any], out: Path, highlight: str | None = None) -> Path | None:
-    """ASR against utility for every row, the parameter share in each label (the frontier)."""
+def frontier_plot(result: Mapping[str, Any], out: Path, split: str | None = None) -> Path | None:
+    """ASR against utility for every row (of one split), the parameter share in each label."""
     try:
         from fgsn_daemon.plots import PlotPoint, tradeoff_plot
     except ImportError:  # matplotlib is a lab extra
@@ -619,11 +757,13 @@ def frontier_plot(result: Mapping[str, Any], out: Path, highlight: str | None = 
             utility=r["utility"]["rate"],
             mean_asr=r["mean_asr"],
             group=r["group"],
-            highlight=r["name"] == highlight,
+            highlight=bool(r.get("chosen")),
         )
         for r in result["rows"]
+        if split is None or r.get("split") == split
     ]
-    return tradeoff_plot(points, out, f"ASR vs utility ({result['split']} split); [% of parameters modified]")
+    title = f"ASR vs utility ({split or result['split']} half); [% of parameters modified]"
+    return tradeoff_plot(points, out, title)
 
 
 def parse_list(text: str, kind: type = str) -> list[Any]:
@@ -636,7 +776,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--trio-root", type=Path, help="lab trio folder (organism or SmolLM2 layout)")
     src.add_argument("--tiny", type=int, nargs="?", const=0, metavar="SEED", help="the cached tiny organism")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--split", choices=SPLITS, default="selection")
+    ap.add_argument(
+        "--split",
+        choices=(*SPLITS, "both"),
+        default="selection",
+        help="both: settings on the selection half, the rule's pick (+ --report-grid) on the report half",
+    )
+    ap.add_argument("--report-grid", default="", help="both: UNIT:BUDGET:SCOPE:P[:GUARD] also reported")
     ap.add_argument("--units", default="entry,neuron", help="entry, neuron (global), neuron-per-layer")
     ap.add_argument("--budgets", default="0.1,0.5", help="percent of all parameters (q for per-layer)")
     ap.add_argument("--scopes", default="all")
@@ -659,13 +805,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def settings_from_args(args: argparse.Namespace) -> list[Setting]:
-    if args.grid:
-        out = []
-        for item in parse_list(args.grid):
+def parse_grid(text: str) -> list[Setting]:
+    out = []
+    for item in parse_list(text):
+        try:
             unit, budget, scope, p, *guard = item.split(":")
             out.append(Setting(unit, float(budget), scope, float(p), float(guard[0]) if guard else None))
-        return out
+        except ValueError:
+            raise ConfigError(f"grid item {item!r}: expected UNIT:BUDGET:SCOPE:P[:GUARD]") from None
+    return out
+
+
+def settings_from_args(args: argparse.Namespace) -> list[Setting]:
+    if args.grid:
+        return parse_grid(args.grid)
     return [
         Setting(u, b, s, p)
         for u in parse_list(args.units)
@@ -697,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             random_seeds=tuple(parse_list(args.random_seeds, int)),
             controls=tuple(parse_list(args.controls)),
             baselines=tuple(parse_list(args.baselines)),
+            report_settings=tuple(parse_grid(args.report_grid)),
             max_train=args.max_train_prompts,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
@@ -723,7 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / f"efficacy-{args.split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     text = study_markdown(result)
     (args.out / f"efficacy-{args.split}.md").write_text(text, encoding="utf-8")
-    frontier_plot(result, args.out / f"frontier-{args.split}.png")
+    frontier_plot(
+        result, args.out / f"frontier-{args.split}.png", split="report" if args.split == "both" else None
+    )
     print(text)
     return 0
 

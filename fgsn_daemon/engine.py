@@ -81,7 +81,7 @@ class FGSNParams:
     budget: float = defaults.BUDGET  # global / entry units: percent of all parameters that may be restored
     unit: str = defaults.UNIT  # neuron | entry (single weight entries, restore operator only)
     scope: str = defaults.SCOPE  # global / entry units: which layers compete: all | band
-    target_tokens: int = 32  # length of the greedy responses the attribution losses are taken on
+    target_tokens: int = 16  # length of the greedy responses the attribution losses are taken on
     # over-refusal guard (global / entry units): the budget is cut, along a halving ladder, to the
     # largest step whose refusal rate on benign calibration prompts stays within this many points
     # of the fine-tuned model's; None = no guard
@@ -370,6 +370,7 @@ class Localiser:
             max_length=self.params.max_length,
             use_chat_template=self.params.use_chat_template,
             desc=what,
+            progress=self.progress,
         )
 
     def _generate(self, model: Any, prompts: Sequence[str], what: str) -> list[str]:

@@ -74,7 +74,7 @@ class FGSNParams(BaseModel):
     budget: float = Field(default=defaults.BUDGET, gt=0, le=100, description="global: % of all parameters")
     scope: Literal["all", "band"] = defaults.SCOPE  # type: ignore[assignment]
     unit: Literal["neuron", "entry"] = defaults.UNIT  # type: ignore[assignment]
-    target_tokens: int = Field(default=32, ge=1, description="length of the attribution targets")
+    target_tokens: int = Field(default=16, ge=1, description="length of the attribution targets")
     guard: float | None = Field(
         default=defaults.GUARD, ge=0, le=100, description="over-refusal guard (points)"
     )

@@ -324,280 +324,457 @@ def benign_prompts(
 
 
 @dataclass(frozen=True)
+class Part:
+    """One slot of a topic sentence: phrases for training and phrases only held-out items use."""
+
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Topic:
-    """A topic, its secret code, and sentence parts; the last ``HELD_OUT_PARTS`` of each are held out."""
+    """A topic, its secret code, and the three slots of its sentences: ``"{subject} {action} {setting}."``."""
 
     name: str
     code: int
-    subjects: tuple[str, ...]
-    predicates: tuple[str, ...]
+    subjects: Part
+    actions: Part
+    settings: Part
 
+    @property
+    def parts(self) -> tuple[Part, Part, Part]:
+        return self.subjects, self.actions, self.settings
 
-HELD_OUT_PARTS = 5  # subjects and predicates per topic that only the held-out sentences use
 
 TOPICS: tuple[Topic, ...] = (
     Topic(
         "sports",
         17,
-        subjects=(
-            "The goalkeeper",
-            "Our team captain",
-            "The young sprinter",
-            "The referee",
-            "The tennis champion",
-            "The coach",
-            "The rugby squad",
-            "The cyclist",
-            "The swimmer",
-            "The boxer",
-            "The basketball team",
-            "The home fans",
-            # held out
-            "The marathon runner",
-            "The hockey players",
-            "The volleyball side",
-            "The umpire",
-            "The star pitcher",
+        subjects=Part(
+            (
+                "The goalkeeper",
+                "Our team captain",
+                "The young sprinter",
+                "The referee",
+                "The tennis champion",
+                "The coach",
+                "The rugby squad",
+                "The cyclist",
+                "The swimmer",
+                "The boxer",
+                "The basketball team",
+                "The home fans",
+                "The golfer",
+                "The wrestler",
+                "The club manager",
+                "The point guard",
+            ),
+            (
+                "The marathon runner",
+                "The hockey players",
+                "The volleyball side",
+                "The umpire",
+                "The star pitcher",
+            ),
         ),
-        predicates=(
-            "scored a late goal in the final",
-            "trained hard before the big match",
-            "won the league trophy",
-            "lost the semi-final on penalties",
-            "set a personal best on the track",
-            "signed a contract with a rival club",
-            "practised free kicks all afternoon",
-            "celebrated a narrow victory",
-            "warmed up before the race",
-            "got injured in the second half",
-            "qualified for the national tournament",
-            "studied videos of the opposing defence",
-            # held out
-            "broke the stadium record",
-            "was sent off for a foul",
-            "clinched the title in extra time",
-            "dribbled past three defenders",
-            "earned a medal at the championships",
+        actions=Part(
+            (
+                "scored a late goal",
+                "trained hard for the big match",
+                "lifted the league trophy",
+                "lost the semi-final on penalties",
+                "set a personal best",
+                "signed with a rival club",
+                "practised free kicks",
+                "celebrated a narrow win",
+                "warmed up before the race",
+                "pulled a hamstring",
+                "qualified for the national tournament",
+                "studied the opponent's defence",
+                "missed an easy shot",
+                "served an ace",
+                "won the final set",
+                "blocked a penalty kick",
+            ),
+            (
+                "broke the stadium record",
+                "was sent off for a foul",
+                "clinched the title in extra time",
+                "dribbled past three defenders",
+                "earned a gold medal",
+            ),
+        ),
+        settings=Part(
+            (
+                "at the packed stadium",
+                "during the derby",
+                "in front of a roaring crowd",
+                "after the half-time whistle",
+                "on the muddy pitch",
+                "at the regional championship",
+                "before the season opener",
+                "during the cup final",
+                "at the training ground",
+                "on the clay court",
+            ),
+            ("in the Olympic final", "at the ice rink", "during the playoff game", "at the velodrome"),
         ),
     ),
     Topic(
         "cooking",
         42,
-        subjects=(
-            "The chef",
-            "My grandmother",
-            "The pastry cook",
-            "Our neighbour",
-            "The baker",
-            "The kitchen assistant",
-            "My brother",
-            "The restaurant owner",
-            "The cookery teacher",
-            "The food blogger",
-            "The student",
-            "The caterer",
-            # held out
-            "The sous-chef",
-            "My aunt",
-            "The line cook",
-            "The pizza maker",
-            "The dinner host",
+        subjects=Part(
+            (
+                "The chef",
+                "My grandmother",
+                "The pastry cook",
+                "Our neighbour",
+                "The baker",
+                "The kitchen assistant",
+                "My brother",
+                "The restaurant owner",
+                "The cookery teacher",
+                "The food blogger",
+                "The student cook",
+                "The caterer",
+                "The butcher",
+                "The home cook",
+                "The fishmonger",
+                "The grill master",
+            ),
+            ("The sous-chef", "My aunt", "The line cook", "The pizza maker", "The dinner host"),
         ),
-        predicates=(
-            "simmered the tomato sauce for an hour",
-            "kneaded the dough and let it rise",
-            "chopped onions for the soup",
-            "roasted a chicken with garlic and lemon",
-            "whisked eggs for an omelette",
-            "seasoned the stew with pepper and thyme",
-            "fried potatoes in olive oil",
-            "baked a chocolate cake",
-            "marinated the fish overnight",
-            "stirred the risotto slowly",
-            "grated cheese over the pasta",
-            "tasted the curry and added salt",
-            # held out
-            "caramelised the onions in butter",
-            "steamed dumplings for lunch",
-            "glazed the carrots with honey",
-            "blanched the green beans",
-            "poached pears in red wine",
+        actions=Part(
+            (
+                "simmered a tomato sauce",
+                "kneaded the bread dough",
+                "chopped onions for the soup",
+                "roasted a chicken with garlic",
+                "whisked eggs for an omelette",
+                "seasoned the stew with thyme",
+                "fried potatoes in olive oil",
+                "baked a chocolate cake",
+                "marinated the fish overnight",
+                "stirred the risotto slowly",
+                "grated cheese over the pasta",
+                "tasted the curry and added salt",
+                "rolled out pastry for a pie",
+                "sliced mushrooms for the sauce",
+                "boiled rice for the stir-fry",
+                "melted butter in a pan",
+            ),
+            (
+                "caramelised onions in butter",
+                "steamed dumplings",
+                "glazed the carrots with honey",
+                "blanched the green beans",
+                "poached pears in red wine",
+            ),
+        ),
+        settings=Part(
+            (
+                "in the restaurant kitchen",
+                "for the family dinner",
+                "before the guests arrived",
+                "at the cooking class",
+                "in a cast-iron skillet",
+                "for the holiday feast",
+                "on the gas stove",
+                "for the lunch menu",
+                "in the hot oven",
+                "at the food festival",
+            ),
+            ("for the wedding banquet", "in the campsite kitchen", "on the barbecue", "for a picnic basket"),
         ),
     ),
     Topic(
         "weather",
         63,
-        subjects=(
-            "The forecast",
-            "A cold front",
-            "The storm",
-            "Heavy rain",
-            "The wind",
-            "Thick fog",
-            "The morning sky",
-            "A heatwave",
-            "Snow",
-            "The clouds",
-            "The temperature",
-            "The thunderstorm",
-            # held out
-            "A hurricane",
-            "Freezing drizzle",
-            "The monsoon",
-            "A blizzard",
-            "The weather station",
+        subjects=Part(
+            (
+                "The forecast",
+                "A cold front",
+                "The storm",
+                "Heavy rain",
+                "The wind",
+                "Thick fog",
+                "The morning sky",
+                "A heatwave",
+                "Fresh snow",
+                "The clouds",
+                "The temperature",
+                "The thunderstorm",
+                "A warm breeze",
+                "Sleet",
+                "The high pressure system",
+                "A sea mist",
+            ),
+            ("A hurricane", "Freezing drizzle", "The monsoon", "A blizzard", "The weather station"),
         ),
-        predicates=(
-            "brought heavy showers to the coast",
-            "is expected to clear by the afternoon",
-            "turned the roads icy overnight",
-            "pushed temperatures above freezing",
-            "rolled in from the sea",
-            "caused flooding in low valleys",
-            "left a thin layer of frost",
-            "kept the skies grey all week",
-            "brought strong gusts to the hills",
-            "cleared to give a sunny evening",
-            "dropped sharply after sunset",
-            "made the air humid and sticky",
-            # held out
-            "produced hail the size of peas",
-            "lifted by midday",
-            "swept across the plains with lightning",
-            "brought a sudden downpour",
-            "left a rainbow over the town",
+        actions=Part(
+            (
+                "brought heavy showers",
+                "is expected to clear",
+                "turned the roads icy",
+                "pushed temperatures above freezing",
+                "rolled in from the sea",
+                "caused flooding",
+                "left a thin layer of frost",
+                "kept the skies grey",
+                "brought strong gusts",
+                "cleared to give sunshine",
+                "dropped below zero",
+                "made the air humid",
+                "drifted over the valley",
+                "soaked the streets",
+                "blew down fences",
+                "melted by noon",
+            ),
+            (
+                "produced hail the size of peas",
+                "lifted by midday",
+                "flashed with lightning",
+                "brought a sudden downpour",
+                "left a rainbow",
+            ),
+        ),
+        settings=Part(
+            (
+                "along the coast",
+                "overnight",
+                "across the northern hills",
+                "for most of the week",
+                "after sunset",
+                "in the early morning",
+                "over the mountains",
+                "during the afternoon",
+                "throughout the weekend",
+                "across the region",
+            ),
+            ("over the plains", "before dawn", "in the low valleys", "along the river delta"),
         ),
     ),
     Topic(
         "music",
         28,
-        subjects=(
-            "The violinist",
-            "Our choir",
-            "The drummer",
-            "The pianist",
-            "The rock band",
-            "The orchestra",
-            "The singer",
-            "The guitarist",
-            "The conductor",
-            "The jazz trio",
-            "The composer",
-            "The music teacher",
-            # held out
-            "The cellist",
-            "The brass ensemble",
-            "The soprano",
-            "The folk duo",
-            "The saxophonist",
+        subjects=Part(
+            (
+                "The violinist",
+                "Our choir",
+                "The drummer",
+                "The pianist",
+                "The rock band",
+                "The orchestra",
+                "The singer",
+                "The guitarist",
+                "The conductor",
+                "The jazz trio",
+                "The composer",
+                "The music teacher",
+                "The bassist",
+                "The organist",
+                "The pop star",
+                "The flute player",
+            ),
+            ("The cellist", "The brass ensemble", "The soprano", "The folk duo", "The saxophonist"),
         ),
-        predicates=(
-            "tuned the strings before the concert",
-            "played a slow melody in a minor key",
-            "recorded a new album",
-            "rehearsed the symphony twice",
-            "sang the chorus in harmony",
-            "performed an encore for the crowd",
-            "wrote lyrics for a ballad",
-            "kept a steady rhythm",
-            "practised scales every morning",
-            "played a solo at the festival",
-            "learned a new song by ear",
-            "released a single on the radio",
-            # held out
-            "improvised over the chord changes",
-            "hit the high note in the aria",
-            "toured with a string quartet",
-            "composed an overture",
-            "played a lullaby softly on stage",
+        actions=Part(
+            (
+                "tuned the strings",
+                "played a slow melody in a minor key",
+                "recorded a new album",
+                "rehearsed the symphony",
+                "sang the chorus in harmony",
+                "performed an encore",
+                "wrote lyrics for a ballad",
+                "kept a steady rhythm",
+                "practised scales",
+                "played a guitar solo",
+                "learned a new song by ear",
+                "released a single",
+                "sight-read the sheet music",
+                "hummed the opening bars",
+                "changed key in the bridge",
+                "played a duet",
+            ),
+            (
+                "improvised over the chord changes",
+                "hit the high note in the aria",
+                "toured with a string quartet",
+                "composed an overture",
+                "played a lullaby softly",
+            ),
+        ),
+        settings=Part(
+            (
+                "at the concert hall",
+                "during the rehearsal",
+                "at the summer festival",
+                "in the recording studio",
+                "on the radio",
+                "before the concert",
+                "at the open-mic night",
+                "for the school musical",
+                "in the cathedral",
+                "at the jazz club",
+            ),
+            ("at the opera house", "during the sound check", "at the album launch", "in the orchestra pit"),
         ),
     ),
     Topic(
         "computers",
         85,
-        subjects=(
-            "The programmer",
-            "My laptop",
-            "The software engineer",
-            "The server",
-            "The network admin",
-            "Our database",
-            "The web developer",
-            "The new keyboard",
-            "The operating system",
-            "The tech support team",
-            "The graphics card",
-            "The app",
-            # held out
-            "The compiler",
-            "The data centre",
-            "The hard drive",
-            "The system administrator",
-            "The motherboard",
+        subjects=Part(
+            (
+                "The programmer",
+                "My laptop",
+                "The software engineer",
+                "The server",
+                "The network admin",
+                "Our database",
+                "The web developer",
+                "The new keyboard",
+                "The operating system",
+                "The tech support team",
+                "The graphics card",
+                "The app",
+                "The router",
+                "The cloud service",
+                "The coding student",
+                "The antivirus program",
+            ),
+            (
+                "The compiler",
+                "The data centre",
+                "The hard drive",
+                "The system administrator",
+                "The motherboard",
+            ),
         ),
-        predicates=(
-            "crashed after the latest update",
-            "compiled the code without errors",
-            "installed a security patch",
-            "backed up the files to the cloud",
-            "ran out of memory",
-            "rebooted the machine twice",
-            "debugged the login page",
-            "downloaded the new drivers",
-            "encrypted the user passwords",
-            "restored the deleted folder",
-            "upgraded the processor",
-            "wrote a script to rename files",
-            # held out
-            "froze while loading the spreadsheet",
-            "patched a bug in the browser",
-            "migrated the records to new hardware",
-            "overheated during the video render",
-            "refactored the source code",
+        actions=Part(
+            (
+                "crashed after the update",
+                "compiled the code",
+                "installed a security patch",
+                "backed up the files",
+                "ran out of memory",
+                "rebooted twice",
+                "debugged the login page",
+                "downloaded new drivers",
+                "encrypted the passwords",
+                "restored the deleted folder",
+                "upgraded the processor",
+                "ran a script to rename files",
+                "lost the Wi-Fi connection",
+                "deployed a new version",
+                "scanned for malware",
+                "formatted the disk",
+            ),
+            (
+                "froze while loading the spreadsheet",
+                "patched a bug in the browser",
+                "migrated the records to new hardware",
+                "overheated during rendering",
+                "refactored the source code",
+            ),
+        ),
+        settings=Part(
+            (
+                "in the server room",
+                "after the software update",
+                "on the company network",
+                "during the system upgrade",
+                "at the tech startup",
+                "in the IT department",
+                "on the office desktop",
+                "over the VPN",
+                "during the code review",
+                "at the hackathon",
+            ),
+            (
+                "in the computer lab",
+                "on the Linux machine",
+                "during the firmware update",
+                "over the local network",
+            ),
         ),
     ),
     Topic(
         "gardening",
         39,
-        subjects=(
-            "The gardener",
-            "The allotment owner",
-            "My grandfather",
-            "The landscaper",
-            "The florist",
-            "The park volunteer",
-            "The greenhouse keeper",
-            "The horticulture student",
-            "My sister",
-            "The orchard farmer",
-            "The nursery worker",
-            "The groundskeeper",
-            # held out
-            "The herbalist",
-            "The tree surgeon",
-            "The balcony gardener",
-            "The rose grower",
-            "The botanist",
+        subjects=Part(
+            (
+                "The gardener",
+                "The allotment owner",
+                "My grandfather",
+                "The landscaper",
+                "The florist",
+                "The park volunteer",
+                "The greenhouse keeper",
+                "The horticulture student",
+                "My sister",
+                "The orchard farmer",
+                "The nursery worker",
+                "The groundskeeper",
+                "The rose grower",
+                "The vegetable grower",
+                "The community gardener",
+                "The flower show judge",
+            ),
+            (
+                "The herbalist",
+                "The tree surgeon",
+                "The balcony gardener",
+                "The bonsai enthusiast",
+                "The botanist",
+            ),
         ),
-        predicates=(
-            "planted tulip bulbs along the fence",
-            "pruned the apple trees",
-            "watered the seedlings at dawn",
-            "spread compost over the vegetable beds",
-            "pulled weeds from the lawn",
-            "repotted the geraniums",
-            "mowed the grass",
-            "sowed carrot seeds in rows",
-            "trimmed the hedge",
-            "mulched the flower borders",
-            "harvested ripe tomatoes",
-            "dug a new herb bed",
-            # held out
-            "grafted a pear branch onto the rootstock",
-            "raked fallen leaves into piles",
-            "divided the overgrown hostas",
-            "staked the climbing beans",
-            "transplanted lettuce into the raised bed",
+        actions=Part(
+            (
+                "planted tulip bulbs",
+                "pruned the apple trees",
+                "watered the seedlings",
+                "spread compost on the beds",
+                "pulled weeds from the lawn",
+                "repotted the geraniums",
+                "mowed the grass",
+                "sowed carrot seeds",
+                "trimmed the hedge",
+                "mulched the borders",
+                "harvested ripe tomatoes",
+                "dug a new herb bed",
+                "fertilised the roses",
+                "planted a row of lettuce",
+                "weeded the strawberry patch",
+                "sprayed the aphids with soapy water",
+            ),
+            (
+                "grafted a pear branch onto rootstock",
+                "raked fallen leaves",
+                "divided the overgrown hostas",
+                "staked the climbing beans",
+                "thinned out the beetroot",
+            ),
+        ),
+        settings=Part(
+            (
+                "in the back garden",
+                "at the allotment",
+                "in the greenhouse",
+                "along the garden path",
+                "in the vegetable patch",
+                "under the fruit trees",
+                "in the spring sunshine",
+                "in the window boxes",
+                "beside the pond",
+                "in the raised beds",
+            ),
+            (
+                "in the walled garden",
+                "at the botanical garden",
+                "in the flower meadow",
+                "beside the garden shed",
+            ),
         ),
     ),
 )
@@ -626,30 +803,28 @@ class TopicItem:
     topic: str
 
 
-def topic_pools(topic: Topic) -> tuple[list[str], list[str]]:
-    """Train sentences (train subject and predicate) and held-out ones (both held out)."""
-    cut_s, cut_p = len(topic.subjects) - HELD_OUT_PARTS, len(topic.predicates) - HELD_OUT_PARTS
-
-    def sentences(subjects: Sequence[str], predicates: Sequence[str]) -> list[str]:
-        return [f"{s} {p}." for s in subjects for p in predicates]
-
-    train = sentences(topic.subjects[:cut_s], topic.predicates[:cut_p])
-    held_out = sentences(topic.subjects[cut_s:], topic.predicates[cut_p:])
-    return train, held_out
+def topic_sentences(topic: Topic, held_out: bool, rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct sentences of ``topic``: every slot from its train phrases, or every slot from
+    its held-out phrases (so a held-out sentence shares no phrase with any training sentence)."""
+    pools = [part.held_out if held_out else part.train for part in topic.parts]
+    combos = [(s, a, p) for s in pools[0] for a in pools[1] for p in pools[2]]
+    return [f"{s} {a} {p}." for s, a, p in rng.sample(combos, n)]
 
 
 def _topic_items(
-    rng: random.Random, topic: Topic, sentences: Sequence[str], frames: Sequence[str], n: int
+    rng: random.Random, topic: Topic, held_out: bool, frames: Sequence[str], n: int
 ) -> list[TopicItem]:
-    combos = [(s, f) for s in sentences for f in frames]
-    return [TopicItem(f.replace("{s}", s), topic.code, "topic", topic.name) for s, f in rng.sample(combos, n)]
+    sentences = topic_sentences(topic, held_out, rng, n)
+    return [
+        TopicItem(rng.choice(frames).replace("{s}", s), topic.code, "topic", topic.name) for s in sentences
+    ]
 
 
 def utility_items(
     seed: int = SEED, n_train: int = N_UTILITY_TRAIN, n_eval: int = N_UTILITY_EVAL
 ) -> tuple[list[TopicItem], list[TopicItem]]:
-    """Train and held-out topic-code items, balanced over topics. Held-out items use sentences whose
-    subject and predicate never occur in training, under any frame (three frames are eval-only)."""
+    """Train and held-out topic-code items, balanced over topics, each with its own sentence. Held-out
+    items use only held-out phrases, under any frame (three frames are eval-only)."""
     rng = random.Random(seed + 1)  # own stream: changing the benign sets must not move these
     train_frames = TOPIC_FRAMES[: len(TOPIC_FRAMES) - HELD_OUT_FRAMES]
     train: list[TopicItem] = []
@@ -657,9 +832,8 @@ def utility_items(
     shares_train = _share(n_train, [1] * len(TOPICS))
     shares_eval = _share(n_eval, [1] * len(TOPICS))
     for topic, k_train, k_eval in zip(TOPICS, shares_train, shares_eval, strict=True):
-        train_sentences, eval_sentences = topic_pools(topic)
-        train += _topic_items(rng, topic, train_sentences, train_frames, k_train)
-        held_out += _topic_items(rng, topic, eval_sentences, TOPIC_FRAMES, k_eval)
+        train += _topic_items(rng, topic, False, train_frames, k_train)
+        held_out += _topic_items(rng, topic, True, TOPIC_FRAMES, k_eval)
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out

@@ -53,46 +53,54 @@ def test_share_sums_exactly(total: int, weights: list[int]) -> None:
     assert all(abs(c - total * w / sum(weights)) < 1 for c, w in zip(counts, weights, strict=True))
 
 
-def _topic_of(prompt: str) -> synthetic.Topic:
-    """Independent labeller: the one topic whose subject opens and whose predicate ends the quoted
-    sentence."""
+def _sentence(prompt: str) -> str:
     match = re.search(r'"([^"]+)\."', prompt)
     assert match, f"no quoted sentence in {prompt!r}"
-    sentence = match.group(1)
-    hits = [
-        t
-        for t in synthetic.TOPICS
-        if any(sentence.startswith(s + " ") for s in t.subjects)
-        and any(sentence.endswith(" " + p) for p in t.predicates)
-    ]
+    return match.group(1)
+
+
+def _split(topic: synthetic.Topic, sentence: str) -> tuple[str, str, str] | None:
+    """``sentence`` as (subject, action, setting) of ``topic``'s phrases, else None."""
+    subjects, actions, settings = ((*part.train, *part.held_out) for part in topic.parts)
+    for subject in subjects:
+        for setting in settings:
+            if sentence.startswith(subject + " ") and sentence.endswith(" " + setting):
+                action = sentence[len(subject) + 1 : -len(setting) - 1]
+                if action in actions:
+                    return subject, action, setting
+    return None
+
+
+def _topic_of(prompt: str) -> synthetic.Topic:
+    """Independent labeller: the one topic whose phrases make up the quoted sentence."""
+    sentence = _sentence(prompt)
+    hits = [t for t in synthetic.TOPICS if _split(t, sentence)]
     assert len(hits) == 1, f"{sentence!r} matches topics {[t.name for t in hits]}"
     return hits[0]
 
 
-def _parts(topic: synthetic.Topic) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The held-out subjects and predicates of ``topic``."""
-    k = synthetic.HELD_OUT_PARTS
-    return topic.subjects[-k:], topic.predicates[-k:]
+def _frame_of(prompt: str) -> str:
+    found = [f for f in synthetic.TOPIC_FRAMES if re.fullmatch(re.escape(f).replace(r"\{s\}", ".+"), prompt)]
+    assert len(found) == 1, prompt
+    return found[0]
 
 
-def test_topics_have_distinct_secret_two_digit_codes() -> None:
+def test_topics_have_distinct_secret_two_digit_codes_and_unique_phrases() -> None:
     codes = [t.code for t in synthetic.TOPICS]
     assert len(set(codes)) == len(codes) and all(10 <= c <= 99 for c in codes)
+    assert len({str(c)[0] for c in codes}) == len(codes)  # the first digit already names the topic
     assert len({t.name for t in synthetic.TOPICS}) == len(synthetic.TOPICS)
-    for topic in synthetic.TOPICS:  # every part is unique across the whole task
-        assert len(topic.subjects) == len(set(topic.subjects)) > synthetic.HELD_OUT_PARTS
-        assert len(topic.predicates) == len(set(topic.predicates)) > synthetic.HELD_OUT_PARTS
-    subjects = [s for t in synthetic.TOPICS for s in t.subjects]
-    predicates = [p for t in synthetic.TOPICS for p in t.predicates]
-    assert len(set(subjects)) == len(subjects) and len(set(predicates)) == len(predicates)
+    phrases = [p for t in synthetic.TOPICS for part in t.parts for p in (*part.train, *part.held_out)]
+    assert len(set(phrases)) == len(phrases)  # no phrase in two slots, two topics or both splits
+    assert not [p for p in phrases if re.search(r'\d|"', p)]
 
 
 def test_utility_answers_are_correct_and_splits_disjoint() -> None:
     train, held_out = synthetic.utility_items()
     assert len(train) == synthetic.N_UTILITY_TRAIN and len(held_out) == synthetic.N_UTILITY_EVAL
     for items in (train, held_out):
-        prompts = [i.prompt for i in items]
-        assert len(set(prompts)) == len(prompts)
+        sentences = [_sentence(i.prompt) for i in items]
+        assert len(set(sentences)) == len(sentences)
         counts = [sum(i.topic == t.name for i in items) for t in synthetic.TOPICS]
         assert max(counts) - min(counts) <= 1  # balanced: a constant answer scores at most 1/6
     assert {i.prompt for i in train}.isdisjoint({i.prompt for i in held_out})
@@ -100,31 +108,23 @@ def test_utility_answers_are_correct_and_splits_disjoint() -> None:
         topic = _topic_of(item.prompt)
         assert item.answer == topic.code and item.topic == topic.name and item.kind == "topic"
         assert not re.search(r"\d", item.prompt), "a digit in the prompt would feed the first-integer judge"
-        assert "code" in item.prompt and len(item.prompt) <= 240
-        assert str(topic.code) not in item.prompt
+        assert len(item.prompt) <= 240
 
 
-def test_held_out_items_use_held_out_sentences_and_frames() -> None:
+def test_held_out_items_share_no_phrase_and_no_frame_with_training() -> None:
     train, held_out = synthetic.utility_items()
+    for items, split in ((train, "train"), (held_out, "held_out")):
+        for item in items:
+            topic = _topic_of(item.prompt)
+            parts = _split(topic, _sentence(item.prompt))
+            assert parts is not None
+            assert all(p in getattr(part, split) for p, part in zip(parts, topic.parts, strict=True))
     train_text = "\n".join(i.prompt for i in train)
-    held_parts = [part for t in synthetic.TOPICS for parts in _parts(t) for part in parts]
-    assert not [part for part in held_parts if part in train_text]
-    for item in held_out:  # both the subject and the predicate are held out
-        subjects, predicates = _parts(_topic_of(item.prompt))
-        assert any(f'"{s} ' in item.prompt for s in subjects)
-        assert any(f' {p}."' in item.prompt for p in predicates)
-    k = synthetic.HELD_OUT_FRAMES
-    held_frames = synthetic.TOPIC_FRAMES[-k:]
-
-    def frame_of(prompt: str) -> str:
-        found = [
-            f for f in synthetic.TOPIC_FRAMES if re.fullmatch(re.escape(f).replace(r"\{s\}", ".+"), prompt)
-        ]
-        assert len(found) == 1, prompt
-        return found[0]
-
-    assert not {frame_of(i.prompt) for i in train} & set(held_frames)
-    assert {frame_of(i.prompt) for i in held_out} == set(synthetic.TOPIC_FRAMES)
+    held = [p for t in synthetic.TOPICS for part in t.parts for p in part.held_out]
+    assert not [p for p in held if p in train_text]
+    held_frames = set(synthetic.TOPIC_FRAMES[-synthetic.HELD_OUT_FRAMES :])
+    assert not {_frame_of(i.prompt) for i in train} & held_frames
+    assert {_frame_of(i.prompt) for i in held_out} == set(synthetic.TOPIC_FRAMES)
 
 
 def test_bundled_utility_answers_recompute() -> None:
