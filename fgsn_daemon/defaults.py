@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "guard": None,
     },
 }
-DEFAULT_PRESET = "activation"
+DEFAULT_PRESET = "attribution"
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -292,6 +292,18 @@ def load_effects(key: str) -> tuple[Any, Any] | None:
     return out["harm"], out["benign"]
 
 
+def restrict_effects(effects: Any, names: Mapping[str, Any]) -> Any:
+    from fgsn_daemon.attribution import DeltaEffects
+
+    return DeltaEffects(
+        rows={n: t for n, t in effects.rows.items() if n in names},
+        cols={n: t for n, t in effects.cols.items() if n in names},
+        entries={n: t for n, t in effects.entries.items() if n in names},
+        loss=effects.loss,
+        sequences=effects.sequences,
+    )
+
+
 def choose_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The rule that picks the default on the selection half (declared before the report half is
     looked at): among settings within 5 points of the fine-tuned over-refusal and 2 points of its
@@ -333,21 +345,31 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         band = loc.band
         total = trio.aligned.total_parameters()
         shapes = {n: trio.aligned.info(n).shape for n in trio.aligned.names()}
+        # One scoring pass over every layer serves each scope: a tensor's effects do not depend
+        # on which other tensors are scored (one hook per module), so "band" is a restriction.
+        loc.params = replace(base_params, scope="all")
+        all_tensors = loc.scored_tensors(loc.attribution_layers())
+        names = sorted(all_tensors)
+        t_score = time.perf_counter()
+        key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params)
+        cached = load_effects(key)
+        if cached is None:
+            harm_all, benign_all = loc.harmful_effects(pooled, names), loc.benign_effects(names)
+            save_effects(key, harm_all, benign_all)
+        else:
+            log(f"attribution effects reused from {effects_path(key)}")
+            harm_all, benign_all = cached
+        seconds = round(time.perf_counter() - t_score, 1)
         effects: dict[str, Any] = {}
         for scope in sorted({s.scope for s in [*cfg.settings, *cfg.report_settings]}):
             loc.params = replace(base_params, scope=scope)
             tensors = loc.scored_tensors(loc.attribution_layers())
-            names = sorted(tensors)
-            t_score = time.perf_counter()
-            key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params)
-            cached = load_effects(key)
-            if cached is None:
-                harm, benign = loc.harmful_effects(pooled, names), loc.benign_effects(names)
-                save_effects(key, harm, benign)
-            else:
-                log(f"attribution effects reused from {effects_path(key)}")
-                harm, benign = cached
-            effects[scope] = (harm, benign, tensors, round(time.perf_counter() - t_score, 1))
+            effects[scope] = (
+                restrict_effects(harm_all, tensors),
+                restrict_effects(benign_all, tensors),
+                tensors,
+                seconds,
+            )
         ft_model = loc._finetuned()
         models = {"aligned": loc._aligned(), "finetuned": ft_model}
 
@@ -775,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--trio-root", type=Path, help="lab trio folder (organism or SmolLM2 layout)")
     src.add_argument("--tiny", type=int, nargs="?", const=0, metavar="SEED", help="the cached tiny organism")
+    ap.add_argument(
+        "--tiny-variant", choices=("default", "lora"), default="default", help="with --tiny: organism"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
         "--split",
@@ -841,7 +866,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"bad setting {st}")
             if not 0 < st.budget <= 100 or not 0 <= st.p <= 100 or math.isnan(st.budget):
                 raise ConfigError(f"bad budget or p in {st}")
-        spec = root_spec(args.tiny, args.trio_root)
+        if args.tiny is not None and args.tiny_variant != "default":
+            from fgsn_daemon.experiments import trio_from_root
+            from fgsn_daemon.lab import tiny_trio
+
+            spec = trio_from_root(tiny_trio(seed=args.tiny, variant=args.tiny_variant).root)
+        else:
+            spec = root_spec(args.tiny, args.trio_root)
         assert spec is not None
         cfg = StudyConfig(
             spec=spec,

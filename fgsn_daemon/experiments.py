@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fgsn_daemon import baselines
+from fgsn_daemon import baselines, defaults
 from fgsn_daemon.activations import ActivationStats, resolve_device
 from fgsn_daemon.checkpoint import Checkpoint
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
@@ -149,7 +149,8 @@ def load_prompt_sets(spec: TrioSpec, cfg: HarnessConfig) -> PromptSets:
 
 @dataclass(frozen=True)
 class HarnessConfig:
-    params: FGSNParams = field(default_factory=FGSNParams)
+    # this harness measures the activation scorings' main table: its default row is that preset
+    params: FGSNParams = field(default_factory=lambda: FGSNParams(**defaults.preset("activation")))
     scorings: tuple[str, ...] = SCORINGS
     operators: tuple[str, ...] = OPERATORS
     max_prompts: int = 32  # per held-out set (each dimension, benign, utility)
@@ -1079,7 +1080,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto")
     common.add_argument("--threads", type=int, help="torch CPU threads (pin for comparable timings)")
     common.add_argument("--work-dir", type=Path, help="parent folder of the scratch checkpoints")
-    d = FGSNParams()
+    d = FGSNParams(**defaults.preset("activation"))
     common.add_argument("--q", type=float, default=d.q)
     common.add_argument("--p", type=float, default=d.p)
     common.add_argument(
@@ -1134,7 +1135,7 @@ def resolve_trio(args: argparse.Namespace) -> TrioSpec:
 
 def config_from_args(args: argparse.Namespace) -> HarnessConfig:
     params = FGSNParams(
-        scoring=args.scoring,
+        **{**defaults.preset("activation"), "scoring": args.scoring},
         positions=args.positions,
         operator=args.operator,
         q=args.q,

@@ -77,13 +77,13 @@ class SmolConfig:
     align_steps: int = 40
     align_lr: float = 2e-5
     align_mix: tuple[tuple[str, float], ...] = (("refuse", 0.5), ("distill", 0.5))
-    ft_steps: int = 40
+    ft_steps: int = 80
     ft_lr: float = 5e-5  # full fine-tune
     ft_contamination: float = 0.2  # share of harmful→compliant examples in fine-tuning batches
     ft_method: str = "lora"  # lora | full
     ft_lora_rank: int = 8
     ft_lora_alpha: float = 16.0
-    ft_lora_lr: float = 2e-4
+    ft_lora_lr: float = 1.5e-3  # with ft_steps: measured to learn the utility task (smollm2-trio-eval.md)
     ft_lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:

@@ -211,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--trio-root", type=Path, help="lab trio folder (organism or SmolLM2 layout)")
     src.add_argument("--tiny", type=int, nargs="?", const=0, metavar="SEED", help="the cached tiny organism")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--scorings", default=defaults.SCORING)
-    ap.add_argument("--operators", default=defaults.OPERATOR)
-    ap.add_argument("--qs", default=f"{defaults.Q:g}")
-    ap.add_argument("--p", type=float, default=FGSNParams().p)
+    activation = defaults.preset("activation")  # the activation scorings' per-layer sweep
+    ap.add_argument("--scorings", default=activation["scoring"])
+    ap.add_argument("--operators", default=activation["operator"])
+    ap.add_argument("--qs", default=f"{activation['q']:g}")
+    ap.add_argument("--p", type=float, default=activation["p"])
     ap.add_argument("--bands", default="auto", help="comma list of auto | all | START:END")
     ap.add_argument("--spaces-grid", default="mlp", help="comma list of '+'-joined spaces, e.g. mlp,mlp+attn")
     ap.add_argument("--random-seeds", default="0")
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_list(args.operators),
         )
     ]
-    params = FGSNParams(p=args.p, batch_size=args.batch_size)
+    params = FGSNParams(**{**defaults.preset("activation"), "p": args.p}, batch_size=args.batch_size)
     cfg = HarnessConfig(
         params=params,
         max_prompts=args.max_prompts,

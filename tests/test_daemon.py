@@ -45,6 +45,10 @@ def write_dimension(policy_dir: Path, name: str, prompts: list[str]) -> Path:
     return final
 
 
+# The daemon's mechanics (claims, skipping, rollback, crashes) are tested with per-layer neuron units,
+# where every dimension of these tiny random trios claims and skips many neurons; the default
+# (attribution over entries) has its own end-to-end test below.
+ACTIVATION_PARAMS = 'preset = "activation"\n'
 ENTRY_PARAMS = (
     'scoring = "attribution"\noperator = "restore"\nunit = "entry"\nbudget = 2.0\ntarget_tokens = 4\n'
 )
@@ -64,7 +68,7 @@ def write_config(
         db + f'base = "{trio["base"]}"\naligned = "{trio["aligned"]}"\nfinetuned = "{trio["finetuned"]}"\n'
         f'policy_dir = "{policy_dir}"\nstate_dir = "{state_dir}"\ndevice = "cpu"\n'
         "settle_s = 0.2\nscan_interval_s = 0.3\n[params]\nq = 50\np = 10\nbatch_size = 8\nmax_length = 32\n"
-        + extra_params
+        + (extra_params or ACTIVATION_PARAMS)
     )
     return cfg
 

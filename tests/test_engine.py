@@ -12,6 +12,7 @@ from helpers import BENIGN, FAMILIES, HARMFUL, make_trio
 from safetensors.torch import load_file, save_file
 
 from fgsn_daemon.checkpoint import Checkpoint
+from fgsn_daemon.defaults import preset
 from fgsn_daemon.engine import FGSNParams, ModelTrio, apply_dimension
 from fgsn_daemon.errors import CheckpointError, FGSNError, IncompatibleCheckpointsError
 
@@ -38,7 +39,8 @@ def logits(folder: Path, device: str = "cpu") -> torch.Tensor:
 
 
 def run(trio, out, device="cpu", **params):
-    defaults = {"q": 20.0, "p": 10.0}
+    # the per-layer neuron machinery (every operator) under the activation preset
+    defaults = {**preset("activation"), "q": 20.0, "p": 10.0}
     defaults.update(params)
     return apply_dimension(
         trio["base"],
@@ -107,7 +109,7 @@ def test_frozen_neurons_are_skipped_with_their_owner(trio, tmp_path):
         HARMFUL,
         BENIGN,
         tmp_path / "out",
-        params=FGSNParams(q=20.0, p=10.0),
+        params=FGSNParams(**{**preset("activation"), "q": 20.0, "p": 10.0}),
         frozen=frozen,
     )
     assert {s.id: s.owner for s in second.skipped} == frozen
@@ -153,7 +155,7 @@ def test_sharded_input_round_trips(trio, tmp_path):
         HARMFUL,
         BENIGN,
         tmp_path / "small",
-        params=FGSNParams(q=20.0, p=10.0),
+        params=FGSNParams(**{**preset("activation"), "q": 20.0, "p": 10.0}),
         max_shard_bytes=30_000,
     )
     index = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
@@ -234,7 +236,7 @@ def assert_refused(trio, tmp_path, match, harmful=HARMFUL, benign=BENIGN, exc=FG
             harmful,
             benign,
             out,
-            params=FGSNParams(q=20.0, p=10.0),
+            params=FGSNParams(**{**preset("activation"), "q": 20.0, "p": 10.0}),
         )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".staging" in p.name]
