@@ -105,8 +105,11 @@ def apply(
             "scope": scope,
             "guard": guard,
         }
+        chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen.get("operator", "restore") != "restore" and "unit" not in chosen:
+            chosen["unit"] = "neuron"  # entry units are restored; another operator means neurons
         params = FGSNParams(
-            **{**defaults.preset(preset), **{k: v for k, v in given.items() if v is not None}},
+            **{**defaults.preset(preset), **chosen},
             positions=positions,
             score_model=score_model,
             rank=rank,

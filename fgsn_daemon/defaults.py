@@ -1,9 +1,11 @@
 """The FGSN settings, in one place: named presets and the default one. The engine, the daemon's
 settings, ``fgsn apply`` and the experiment harnesses all read them.
 
-- ``attribution`` (delta attribution, chosen by measurement on the SmolLM2 trio's selection split;
-  README "Choosing the default"): single weight entries whose revert to the aligned value most
-  lowers the refusal loss, ranked over all layers, under a global parameter budget.
+- ``attribution`` (delta attribution; README "Efficacy"): single weight entries whose revert to the
+  aligned value most lowers the refusal loss, ranked over all layers, under a global budget of
+  0.02 % of the parameters. On the SmolLM2 trio's selection half the declared rule found no setting
+  within its over-refusal limit that lowered ASR (0.02 % missed it by one prompt in 72); 0.02 % is
+  the nearest, 0.1 % brings ASR to the aligned model's level at a large over-refusal cost.
 - ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
   and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
 - ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
@@ -23,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "p": 0.0,
         "spaces": ("mlp", "attn"),
         "allocation": "global",
-        "budget": 0.1,
+        "budget": 0.02,
         "unit": "entry",
         "scope": "all",
         "guard": None,

@@ -88,6 +88,13 @@ class FGSNParams:
     guard: float | None = defaults.GUARD
     guard_prompts: int = 64  # benign calibration prompts (from the scoring set, never the report set)
 
+    def __post_init__(self) -> None:
+        # allocation and unit belong to the attribution scoring; the activation scorings always
+        # select whole neurons per band layer (so a preset's attribution values do not leak in)
+        if self.scoring in ("wanda", "contrast"):
+            object.__setattr__(self, "allocation", "per_layer")
+            object.__setattr__(self, "unit", "neuron")
+
     def validate(self) -> None:
         scoring = parse_scoring(self.scoring)
         parse_operator(self.operator)

@@ -84,21 +84,19 @@ class FGSNParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") is not None:
+        if not isinstance(data, dict):
+            return data
+        explicit = dict(data)
+        if data.get("preset") is not None:
             try:
                 values = defaults.preset(str(data["preset"]))
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-            return {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **data}
+            data = {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **data}
+        # entry units are restored; another operator given without a unit means neuron units
+        if explicit.get("operator") not in (None, "restore") and "unit" not in explicit:
+            data = {**data, "unit": "neuron"}
         return data
-
-    @model_validator(mode="after")
-    def _attribution_only(self) -> FGSNParams:
-        if self.allocation == "global" and self.scoring != "attribution":
-            raise ValueError("allocation = 'global' needs scoring = 'attribution'")
-        if self.unit == "entry" and (self.scoring != "attribution" or self.operator != "restore"):
-            raise ValueError("unit = 'entry' needs scoring = 'attribution' and operator = 'restore'")
-        return self
 
     @field_validator("spaces", mode="before")
     @classmethod

@@ -181,8 +181,8 @@ def test_attribution_settings_are_validated():
     from fgsn_daemon.engine import FGSNParams
     from fgsn_daemon.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="attribution"):
-        FGSNParams(scoring="contrast", allocation="global").validate()
+    # allocation and unit belong to attribution: an activation scoring selects neurons per layer
+    assert FGSNParams(scoring="contrast", allocation="global", unit="entry").allocation == "per_layer"
     with pytest.raises(ConfigError, match="restore"):
         FGSNParams(scoring="attribution", unit="entry", operator="safe_lora").validate()
     with pytest.raises(ConfigError, match="budget"):
