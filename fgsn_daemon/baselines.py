@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from fgsn_daemon.checkpoint import write_checkpoint
 from fgsn_daemon.engine import ModelTrio, prepare_output_dir, publish, write_edited_checkpoint
 from fgsn_daemon.errors import ConfigError
+from fgsn_daemon.precision import round_to
 from fgsn_daemon.records import Band, NeuronId
 
 # The linear modules Safe LoRA targets (its default LoRA targets are q/v; full FT touches all).
@@ -91,9 +92,9 @@ def safe_lora_update(
 def resta_tensor(
     finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """``θ_ft + β(θ_al − θ_base)`` in float64, cast back to the fine-tuned dtype."""
+    """``θ_ft + β(θ_al − θ_base)`` in float64, rounded once to the fine-tuned dtype."""
     safety = aligned.to(torch.float64) - base.to(torch.float64)
-    return (finetuned.to(torch.float64) + beta * safety).to(finetuned.dtype)
+    return round_to(finetuned.to(torch.float64) + beta * safety, finetuned.dtype)
 
 
 def random_indices(size: int, count: int, seed: int, layer: int, space: str) -> list[int]:
@@ -190,7 +191,7 @@ def safe_lora(
             ft, al, base = _triple(trio, name)
             cd, _ = safe_lora_update(ft, al, base)
             assert cd is not None
-            new = (al.to(torch.float64) + cd).to(ft.dtype)
+            new = round_to(al.to(torch.float64) + cd, ft.dtype)
             changed += _changed(new, ft)
             return new
 

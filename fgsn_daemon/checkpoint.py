@@ -8,6 +8,7 @@ rewrite only those and hard-link the rest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from fgsn_daemon.errors import CheckpointError, IncompatibleCheckpointsError
+from fgsn_daemon.precision import round_to
 from fgsn_daemon.safetensors_io import (
     DTYPE_NAMES,
     PlannedTensor,
@@ -162,8 +164,11 @@ class LoraModule:
 class LoraFinetuned:
     """A PEFT LoRA adapter on top of the aligned checkpoint, read as a full fine-tuned model.
 
-    Targeted weights are ``W_aligned + scale·B·A`` (computed in float64, cast to the weight's
-    dtype); every other tensor is the aligned one, copied byte for byte.
+    Targeted weights are ``W_aligned + scale·B·A``, computed in float64 and rounded once to the
+    aligned weight's dtype, whatever the adapter's own dtype (a float32 adapter over a bfloat16
+    model gives a bfloat16 fine-tuned weight); every other tensor is the aligned one, copied byte
+    for byte. This rounded merge *is* the fine-tuned model: edits start from it and untouched
+    targeted weights are written as it.
     """
 
     def __init__(self, adapter_dir: str | Path, aligned: Checkpoint) -> None:
@@ -233,13 +238,13 @@ class LoraFinetuned:
         w = self.aligned.read(name)
         if name not in self.modules:
             return w
-        return (w.double() + self.delta(name)).to(w.dtype)
+        return round_to(w.double() + self.delta(name), w.dtype)
 
     def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         w = self.aligned.read_rows(name, rows)
         if name not in self.modules:
             return w
-        return (w.double() + self.delta(name, rows)).to(w.dtype)
+        return round_to(w.double() + self.delta(name, rows), w.dtype)
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         if name in self.modules:
@@ -259,8 +264,24 @@ def open_finetuned(path: str | Path, aligned: Checkpoint) -> Checkpoint | LoraFi
     return Checkpoint(p)
 
 
+def _dtype_problems(ref_label: str, ref: TensorSource, label: str, src: TensorSource) -> list[str]:
+    """The first few tensors whose dtype differs between two sources, and how many more do."""
+    mixed = [
+        f"tensor {name}: dtype {ref.info(name).dtype} in {ref_label}, {src.info(name).dtype} in {label}"
+        for name in sorted(set(ref.names()) & set(src.names()))
+        if ref.info(name).dtype != src.info(name).dtype
+    ]
+    if len(mixed) > 3:
+        mixed = [*mixed[:3], f"... and {len(mixed) - 3} more tensors whose dtype differs in {label}"]
+    return mixed
+
+
 def check_compatible(sources: dict[str, TensorSource]) -> None:
-    """Raise with a precise list of differences unless all sources share architecture and shapes."""
+    """Raise with a precise list of differences unless all sources share architecture, shapes and
+    dtypes. Mixed-precision trios (say a bfloat16 base with a float32 fine-tune) are refused rather
+    than silently cast: an edit mixes values from all three models and is written in one dtype,
+    so the user chooses the cast. A LoRA adapter is not a mixed trio: its fine-tuned weights take
+    the aligned model's dtype whatever the adapter's (see ``LoraFinetuned``)."""
     problems: list[str] = []
     (ref_label, ref), *others = sources.items()
     ref_names = set(ref.names())
@@ -278,10 +299,18 @@ def check_compatible(sources: dict[str, TensorSource]) -> None:
             sa, sb = ref.info(name).shape, src.info(name).shape
             if sa != sb:
                 problems.append(f"tensor {name}: shape {list(sa)} in {ref_label}, {list(sb)} in {label}")
+        problems += _dtype_problems(ref_label, ref, label, src)
     if problems:
         shown = problems[:20]
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise IncompatibleCheckpointsError("checkpoints are not compatible:\n  " + "\n  ".join(shown) + more)
+        hint = (
+            "\n  (mixed dtypes are not cast implicitly: save the three models in one dtype)"
+            if any(": dtype " in p for p in problems)
+            else ""
+        )
+        raise IncompatibleCheckpointsError(
+            "checkpoints are not compatible:\n  " + "\n  ".join(shown) + more + hint
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,3 +419,30 @@ def write_checkpoint(
                 copied.add(fname)
     fsync_dir(out_dir)
     return index
+
+
+SAMPLED_BLOCKS = 64
+SAMPLED_BLOCK_BYTES = 64 * 1024
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Identity of a model folder: configs, every safetensors header and size, and 64 evenly spaced
+    64 KiB blocks of each weight file. Training changes every tensor, so sampled blocks tell two
+    checkpoints of the same shapes apart, at a fixed cost instead of a full read of the model."""
+    h = hashlib.sha256()
+    for name in ("config.json", "adapter_config.json", "model.safetensors.index.json"):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f.name.encode() + b"\0" + str(size).encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(fh.read(min(n, 64 << 20)))
+            step = max(size // SAMPLED_BLOCKS, 1)
+            for offset in range(0, size, step):
+                fh.seek(offset)
+                h.update(fh.read(SAMPLED_BLOCK_BYTES))
+    return h.hexdigest()

@@ -86,6 +86,16 @@ def apply(
         float | None,
         typer.Option(help="over-refusal guard: max rise in points on benign calibration prompts"),
     ] = None,
+    contrast_kind: Annotated[
+        str | None, typer.Option(help="what the contrast penalises: refusal | odds (refusal vs answer)")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
+    ] = None,
+    contrast: Annotated[
+        float | None,
+        typer.Option(help="attribution: weight of the benign-refusal effect subtracted from the gain"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the full result record as JSON")] = False,
 ) -> None:
     """Find one dimension's safety neurons, project them, and write a loadable checkpoint."""
@@ -104,6 +114,9 @@ def apply(
             "unit": unit,
             "scope": scope,
             "guard": guard,
+            "contrast": contrast,
+            "steps": steps,
+            "contrast_kind": contrast_kind,
         }
         chosen = {k: v for k, v in given.items() if v is not None}
         if chosen.get("operator", "restore") != "restore" and "unit" not in chosen:

@@ -11,7 +11,8 @@ same operation on a different revision order. The order of side effects makes cr
 
 On restart: staging leftovers are deleted, version folders the registry does not know are removed,
 unfinished jobs go back to pending (their work is deterministic, so re-running is safe), and the
-``current`` link is made to agree with the registry.
+``current`` link is made to agree with the registry. Then ``current`` is checked against its sha256
+manifest, and a damaged file is rebuilt bit-identically before anything is built on it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from types import FrameType
 from typing import Any
 
 from fgsn_daemon.activations import ActivationStats, resolve_device
-from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES, folder_fingerprint
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
 from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
-from fgsn_daemon.entry_masks import load_masks, restrict_to_neurons, save_masks, union
-from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.entry_masks import load_masks, save_masks, union
+from fgsn_daemon.errors import FGSNError, PolicyError
+from fgsn_daemon.integrity import REPAIRABLE, damaged_files
 from fgsn_daemon.localisation import Selection, choose_band, parse_scoring
 from fgsn_daemon.policy import (
     Dimension,
@@ -48,8 +50,9 @@ from fgsn_daemon.prompts import load_prompts
 from fgsn_daemon.records import ApplyResult, Band, NeuronId, SkippedNeuron
 from fgsn_daemon.registry import Registry
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
+from fgsn_daemon.registry.store import VersionInfo
 from fgsn_daemon.settings import Settings
-from fgsn_daemon.versions import VersionStore
+from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
 
 LOG = logging.getLogger("fgsn.daemon")
 LOCK_NAME = "daemon.lock"
@@ -65,6 +68,10 @@ def fault_point(name: str) -> None:
 
 class DaemonLockedError(FGSNError):
     """Another daemon holds the state folder."""
+
+
+class VersionCorruptedError(FGSNError):
+    """The current version differs from its manifest and could not be rebuilt bit-identically."""
 
 
 class StopRequested(Exception):
@@ -91,34 +98,10 @@ def engine_params(settings: Settings) -> FGSNParams:
         unit=p.unit,
         target_tokens=p.target_tokens,
         guard=p.guard,
+        contrast=p.contrast,
+        contrast_kind=p.contrast_kind,
+        steps=p.steps,
     )
-
-
-SAMPLED_BLOCKS = 64
-SAMPLED_BLOCK_BYTES = 64 * 1024
-
-
-def folder_fingerprint(path: Path) -> str:
-    """Identity of a model folder: configs, every safetensors header and size, and 64 evenly spaced
-    64 KiB blocks of each weight file. Training changes every tensor, so sampled blocks tell two
-    checkpoints of the same shapes apart, at a fixed cost instead of a full read of the model."""
-    h = hashlib.sha256()
-    for name in ("config.json", "adapter_config.json", "model.safetensors.index.json"):
-        f = path / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f.name.encode() + b"\0" + str(size).encode())
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(fh.read(min(n, 64 << 20)))
-            step = max(size // SAMPLED_BLOCKS, 1)
-            for offset in range(0, size, step):
-                fh.seek(offset)
-                h.update(fh.read(SAMPLED_BLOCK_BYTES))
-    return h.hexdigest()
 
 
 def raw_fingerprint(path: Path) -> str:
@@ -137,13 +120,19 @@ def newest_mtime(path: Path) -> float:
     return max(times)
 
 
-def reference_harmful_prompts() -> list[str]:
+def reference_harmful_prompts(source: Path | None = None) -> list[str]:
     """A fixed harmful set for the layer curve: the band is a property of the model lineage, not of
-    whichever dimension arrives first (otherwise rolling back the first one could move the band)."""
+    whichever dimension arrives first (otherwise rolling back the first one could move the band).
+    ``source``: a JSONL prompt file, or a policy folder whose dimensions each give their first
+    prompts; None = the shipped policies."""
+    if source is not None and source.is_file():
+        return load_prompts(source)
     prompts: list[str] = []
-    dirs, _ = list_dimension_dirs(bundled_policies_dir())
+    dirs, _ = list_dimension_dirs(bundled_policies_dir() if source is None else source)
     for d in dirs:
         prompts.extend(load_dimension(d).harmful[:REFERENCE_PER_DIMENSION])
+    if not prompts:
+        raise PolicyError(f"{source}: the band reference set has no harmful prompts")
     return prompts
 
 
@@ -251,6 +240,7 @@ class Daemon:
         self.open_models()
         self.recover()
         self.ensure_band()
+        self.check_current()  # never build on a damaged parent
         if reg.current_version(self.lineage_id) is None:
             self.progress("writing the initial version (the fine-tuned model, re-sharded)")
             self._publish([], {}, job_id=None, finish=None)
@@ -282,6 +272,75 @@ class Daemon:
         if removed or requeued:
             LOG.warning("recovered after an interruption: removed %s, requeued jobs %s", removed, requeued)
 
+    def check_current(self) -> None:
+        """Start-up quick check of ``current`` against its manifest. Damaged or missing files are
+        rebuilt from the immutable inputs and the registry's claims (they must come out
+        bit-identical to the manifest); otherwise the daemon refuses to start, naming the file."""
+        reg, store = self.open_registry(), self.versions
+        assert store is not None
+        current = reg.current_version(self.lineage_id)
+        if current is None:
+            return
+        name = Path(current.path).name
+        problems = store.check(name)
+        fatal = [p for p in problems if p.fatal]
+        for p in problems:
+            (LOG.error if p.fatal else LOG.warning)("integrity check of %s: %s", name, p)
+        if not fatal:
+            return
+        self._record_integrity("version.corrupted", name, {"problems": [p.to_json() for p in fatal]})
+        damaged = damaged_files(fatal)
+        try:
+            unrepairable = [str(p) for p in fatal if p.kind not in REPAIRABLE]
+            if unrepairable:
+                raise VersionRepairError("; ".join(unrepairable))
+            self.progress(f"rebuilding {', '.join(damaged)} of {name} from the models and the registry")
+            replaced = store.repair(name, damaged, self.version_inputs(self.current_claims(current)))
+            left = [str(p) for p in store.check(name) if p.fatal]
+            if left:
+                raise VersionRepairError("still damaged after the rebuild: " + "; ".join(left))
+        except VersionRepairError as exc:
+            raise VersionCorruptedError(
+                f"the current version {name} is damaged ({fatal[0]}) and was not repaired: {exc}. "
+                f"Nothing is built on it. Run `fgsn verify --deep --state-dir {self.state_dir}` for every "
+                "problem; restore the models and settings it was built with (or the file from a backup) "
+                "and restart"
+            ) from None
+        done = [str(p.relative_to(store.root)) for p in replaced]
+        self._record_integrity("version.repaired", name, {"files": damaged, "replaced": done})
+        LOG.warning("repaired %s: rebuilt %s bit-identically (replaced %s)", name, damaged, done)
+
+    def _record_integrity(self, kind: str, version: str, details: dict[str, Any]) -> None:
+        with self.open_registry().transaction() as tx:
+            tx.append_event(kind, lineage_id=self.lineage_id, details={"version": version, **details})
+
+    def current_claims(self, current: VersionInfo) -> dict[int, list[NeuronId]]:
+        """The claims the current version was built from (the same rule ``_publish`` applies)."""
+        reg = self.open_registry()
+        order = self.applied_order()
+        label = {f"{r.dimension}#{r.number}": r.id for r in reg.revisions(self.lineage_id)}
+        if {label.get(x) for x in current.revisions} != set(order):
+            raise VersionRepairError(
+                f"the registry's applied revisions {order} are not those of version {current.number} "
+                f"({', '.join(current.revisions) or 'none'})"
+            )
+        return assign_claims(order, {r: self.stored_candidates(r) for r in order})
+
+    def version_inputs(self, claims: dict[int, list[NeuronId]]) -> VersionInputs:
+        """What a version is computed from: the trio, ``claims``, the band and the edit settings."""
+        params = engine_params(self.settings)
+        return VersionInputs(
+            trio=self.open_models(),
+            neurons=neurons_by_unit(claims),
+            operator=params.operator,
+            band=self.ensure_band(),
+            spaces=params.spaces,
+            rank=params.rank,
+            device=resolve_device(self.settings.device),
+            max_shard_bytes=DEFAULT_MAX_SHARD_BYTES,
+            entry_masks=self.claimed_entry_masks(claims) if params.unit == "entry" else None,
+        )
+
     def ensure_band(self) -> Band:
         """The lineage's layer curve and band, computed once (forward passes) and cached in the DB."""
         if self.band is not None:
@@ -289,12 +348,16 @@ class Daemon:
         reg = self.open_registry()
         params = engine_params(self.settings)
         key = f"benign+reference:{params.score_model}:{params.max_length}"
+        reference = self.settings.band_reference
+        prompts = reference_harmful_prompts(reference)
+        if reference is not None:  # a custom reference set has its own curve
+            key += ":" + hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16]
         stored = reg.layer_curve(self.lineage_id, key)
         loc = self.get_localiser()
         if stored is not None:
             loc.curve, loc.band = stored.curve, choose_band(stored.curve, params.band)
         else:
-            loc.establish_band(reference_harmful_prompts())
+            loc.establish_band(prompts)
             assert loc.curve is not None and loc.band is not None
             with reg.transaction() as tx:
                 tx.save_layer_curve(self.lineage_id, loc.curve, loc.band, key)
@@ -549,7 +612,8 @@ class Daemon:
         scoring = fgsn.scoring if fgsn and fgsn.scoring else params.scoring
         positions = fgsn.positions if fgsn and fgsn.positions else params.positions
         budget = fgsn.budget if fgsn and fgsn.budget is not None else params.budget
-        loc.params = replace(params, scoring=scoring, positions=positions, budget=budget)
+        contrast = fgsn.contrast if fgsn and fgsn.contrast is not None else params.contrast
+        loc.params = replace(params, scoring=scoring, positions=positions, budget=budget, contrast=contrast)
         self.progress(f"{dim.name}: scoring {len(harmful)} harmful prompts ({scoring})")
         try:
             # the dimension's own benign prompts, when given, replace the shared set for it
@@ -585,8 +649,10 @@ class Daemon:
         from fgsn_daemon.engine import count_entry_modification, count_modification
 
         if masks_digest is not None:
-            units = unit_tensors(trio, range(trio.num_layers), params.spaces)
-            mine = restrict_to_neurons(masks, [n.id for n in selection.selected], units)
+            # this revision's own entries: its candidates that no other applied dimension restores
+            others = [r for r in self.applied_order() if reg.revision(r).dimension != dim.name]
+            taken = self.claimed_entry_masks({r: [] for r in others})
+            mine = {n: m & ~taken[n] if n in taken else m for n, m in masks.items()}
             modification = count_entry_modification(trio, mine, loc.band, params.spaces)
         else:
             modification = count_modification(
@@ -596,7 +662,14 @@ class Daemon:
                 params.spaces,  # type: ignore[arg-type]
             )
         rec = params.record().model_copy(
-            update={"q": q, "p": p, "scoring": scoring, "positions": positions, "budget": budget}
+            update={
+                "q": q,
+                "p": p,
+                "scoring": scoring,
+                "positions": positions,
+                "budget": budget,
+                "contrast": contrast,
+            }
         )
         assert loc.curve is not None and loc.band is not None
         return ApplyResult(
@@ -674,29 +747,15 @@ class Daemon:
         released: Sequence[int] = (),
     ) -> str:
         """Write the version for ``order``, commit claims + version + job outcome, swap ``current``."""
-        reg, store, trio = self.open_registry(), self.versions, self.open_models()
+        reg, store = self.open_registry(), self.versions
         assert store is not None
-        band = self.ensure_band()
-        params = engine_params(self.settings)
         claims = assign_claims(order, candidates)
         current = reg.current_version(self.lineage_id)
         name = store.next_name()
         self.progress(f"writing version {name} ({sum(len(v) for v in claims.values())} frozen neurons)")
-        entry_masks = self.claimed_entry_masks(claims) if params.unit == "entry" else None
+        inputs = self.version_inputs(claims)
         fault_point("before_build")
-        store.build(
-            name,
-            trio,
-            neurons_by_unit(claims),
-            params.operator,
-            band,
-            params.spaces,
-            params.rank,
-            resolve_device(self.settings.device),
-            DEFAULT_MAX_SHARD_BYTES,
-            parent=Path(current.path).name if current else None,
-            entry_masks=entry_masks,
-        )
+        store.build_version(name, inputs, parent=Path(current.path).name if current else None)
         fault_point("after_build")
         self.check_stop()
         with reg.transaction() as tx:
@@ -719,11 +778,15 @@ class Daemon:
         return self.state_dir / f"lineage-{self.lineage_id}" / "entry-masks"
 
     def claimed_entry_masks(self, claims: dict[int, list[NeuronId]]) -> dict[str, Any]:
-        """Entry units: each revision's candidate entries inside the neurons it owns, united."""
-        reg, trio = self.open_registry(), self.open_models()
-        units = unit_tensors(trio, range(trio.num_layers), engine_params(self.settings).spaces)
+        """Entry units are owned one by one: an entry belongs to the first applied revision whose
+        candidate mask holds it, so the version restores the union of the applied revisions'
+        masks. A later dimension never changes an entry an earlier one restored (restoring is a copy
+        of the aligned value) and still restores its own new entries inside neurons first claimed by
+        an earlier dimension; a rollback drops the revision's mask from the union, which equals a
+        run without it."""
+        reg = self.open_registry()
         parts = []
-        for rev, neurons in claims.items():
+        for rev in claims:
             info = reg.revision(rev)
             digest = (info.summary or {}).get("entry_masks")
             if not digest:
@@ -731,7 +794,7 @@ class Daemon:
                     f"{info.dimension} (revision {rev}) was applied with neuron units; entry units need an "
                     "entry mask for every applied revision: roll it back and re-apply it, or use unit=neuron"
                 )
-            parts.append(restrict_to_neurons(load_masks(self.masks_dir, digest), neurons, units))
+            parts.append(load_masks(self.masks_dir, digest))
         return union(parts)
 
     def _sync_claims(

@@ -29,6 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unit": "entry",
         "scope": "all",
         "guard": None,
+        "contrast": 0.0,
+        "contrast_kind": "refusal",
+        "steps": 1,
     },
     "activation": {
         "scoring": "contrast",
@@ -41,6 +44,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unit": "neuron",
         "scope": "all",
         "guard": None,
+        "contrast": 0.0,
+        "contrast_kind": "refusal",
+        "steps": 1,
     },
     "paper": {
         "scoring": "wanda",
@@ -53,6 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unit": "neuron",
         "scope": "all",
         "guard": None,
+        "contrast": 0.0,
+        "contrast_kind": "refusal",
+        "steps": 1,
     },
 }
 DEFAULT_PRESET = "attribution"
@@ -76,3 +85,8 @@ BUDGET: float = _DEFAULT["budget"]  # global allocation / entry units: percent o
 UNIT: str = _DEFAULT["unit"]  # attribution: neuron | entry (single weight entries, restored to aligned)
 SCOPE: str = _DEFAULT["scope"]  # global allocation: all layers compete, or the band only
 GUARD: float | None = _DEFAULT["guard"]  # over-refusal guard (points), None = off
+STEPS: int = _DEFAULT["steps"]  # attribution entries: iterative selection steps (1 = one shot)
+CONTRAST: float = _DEFAULT["contrast"]
+CONTRAST_KIND: str = _DEFAULT[
+    "contrast_kind"
+]  # refusal | odds  # attribution: weight of the benign-refusal effect in the ranking

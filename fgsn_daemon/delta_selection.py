@@ -109,18 +109,31 @@ def select_entries(
     cost: Mapping[str, torch.Tensor],
     budget: int,
     p: float,
+    penalty: Mapping[str, torch.Tensor] | None = None,
+    contrast: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Boolean masks (per tensor name) of the ``budget`` entries with the largest positive gain,
-    skipping the top-p % by cost over all scored entries. Ties are broken by position."""
-    if budget < 0 or not 0 <= p <= 100:
-        raise ConfigError(f"budget must be >= 0 and p in [0, 100] (got {budget}, {p})")
+    """Boolean masks (per tensor name) of the ``budget`` entries with the largest positive score,
+    skipping the top-p % by cost over all scored entries. Ties are broken by position.
+
+    The score is ``gain`` or, with a refusal contrast, ``gain − contrast × penalty`` (``penalty``:
+    how much reverting the entry makes benign prompts refused) over entries whose gain is positive."""
+    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
+        raise ConfigError(
+            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
+        )
+    if contrast > 0 and penalty is None:
+        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
     names = sorted(gain)
     if not names or budget == 0:
         return {n: torch.zeros_like(gain[n], dtype=torch.bool) for n in names}
     cutoff = _cost_cutoff(torch.cat([cost[n].flatten() for n in names]), p)
-    flat = torch.cat(
-        [torch.where(cost[n] < cutoff, gain[n], torch.zeros_like(gain[n])).flatten().float() for n in names]
-    )
+
+    def score(n: str) -> torch.Tensor:
+        g = gain[n].float()
+        s = g - contrast * penalty[n].float() if contrast > 0 and penalty is not None else g
+        return torch.where((cost[n] < cutoff) & (g > 0), s, torch.zeros_like(s)).flatten()
+
+    flat = torch.cat([score(n) for n in names])
     k = min(budget, int((flat > 0).sum()))
     masks_flat = torch.zeros(flat.numel(), dtype=torch.bool)
     if k > 0:

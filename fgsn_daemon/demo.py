@@ -57,8 +57,9 @@ class DemoReport(BaseModel):
 
 
 # Per-model overrides of the default setting: the tiny organism's 1.3 M parameters need a larger
-# share than a real model for the same repair (README "Efficacy", tiny LoRA organism).
-DEMO_PARAMS: dict[str, dict[str, float]] = {"tiny": {"budget": 5.0}, "smollm2": {}}
+# share than a real model for the same repair, and its aligned model never refuses a benign prompt,
+# so there is no over-refusal for the refusal contrast to avoid (README "Efficacy", tiny LoRA organism).
+DEMO_PARAMS: dict[str, dict[str, float]] = {"tiny": {"budget": 5.0, "contrast": 0.0}, "smollm2": {}}
 
 
 def lab_inputs(model: str, progress: Callable[[str], None]) -> DemoInputs:

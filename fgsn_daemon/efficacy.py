@@ -32,7 +32,14 @@ import torch
 
 from fgsn_daemon.activations import load_tokenizer, resolve_device
 from fgsn_daemon.delta_selection import select_entries
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, neuron_slices, restored_in_memory
+from fgsn_daemon.engine import (
+    FGSNParams,
+    Localiser,
+    ModelTrio,
+    contrast_penalty,
+    neuron_slices,
+    restored_in_memory,
+)
 from fgsn_daemon.errors import ConfigError, FGSNError
 from fgsn_daemon.evaluation import UtilityItem, answer_correct, generate_responses, load_utility
 from fgsn_daemon.experiments import TrioSpec, root_spec, spread, trio_manifest
@@ -210,12 +217,22 @@ class Setting:
     scope: str  # all | band
     p: float
     guard: float | None = None  # over-refusal guard, points (global / entry units)
+    contrast: float = 0.0  # refusal contrast: weight of the benign-refusal effect in the ranking
+    # what the contrast penalises: "refusal" (the refusal's NLL drop on benign prompts), "odds"
+    # (the refusal's log-odds against the fine-tuned answer: refusal drop + answer NLL rise) or
+    # "aligned" (the NLL drop of the aligned model's own refusals of benign prompts; one penalty
+    # kind per run)
+    penalty: str = "refusal"
+    steps: int = 1  # iterative selection (entry units): re-scored at the edited weights after each step
 
     @property
     def name(self) -> str:
         size = f"q{self.budget:g}" if self.unit == "neuron-per-layer" else f"{self.budget:g}%"
         guard = "" if self.guard is None else f"/guard{self.guard:g}"
-        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{guard}"
+        kind = {"odds": "o", "aligned": "a"}.get(self.penalty, "c")
+        contrast = f"/{kind}{self.contrast:g}" if self.contrast else ""
+        steps = f"/steps{self.steps}" if self.steps > 1 else ""
+        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{guard}"
 
 
 @dataclass
@@ -233,6 +250,7 @@ class StudyConfig:
     batch_size: int = 32
     device: str = "auto"
     spaces: tuple[str, ...] = ("mlp", "attn")
+    target_tokens: int = 16  # length of the attribution targets (refusals and answers)
 
 
 def effects_path(key: str) -> Path:
@@ -242,13 +260,18 @@ def effects_path(key: str) -> Path:
 
 
 def effects_key(
-    spec: TrioSpec, harmful: Sequence[str], benign: Sequence[str], names: Sequence[str], params: FGSNParams
+    spec: TrioSpec,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    names: Sequence[str],
+    params: FGSNParams,
+    kind: str = "refusal+benign",
 ) -> str:
     """What the scoring depends on: the three models (content fingerprints), the prompts, the
     scored tensors and the target settings. A cache hit skips the backward passes."""
     import hashlib
 
-    from fgsn_daemon.daemon import folder_fingerprint
+    from fgsn_daemon.checkpoint import folder_fingerprint
 
     parts = {
         "models": [folder_fingerprint(p) for p in (spec.base, spec.aligned, spec.finetuned)],
@@ -259,21 +282,25 @@ def effects_key(
         "max_length": params.max_length,
         "version": 1,
     }
+    if kind != "refusal+benign":  # keeps the keys of caches written before the contrast existed
+        parts["kind"] = kind
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def save_effects(key: str, harm: Any, benign: Any) -> None:
+def save_effects(key: str, harm: Any, benign: Any | None) -> None:
     from safetensors.torch import save_file
 
     flat: dict[str, torch.Tensor] = {}
-    for side, eff in (("harm", harm), ("benign", benign)):
+    sides = [("harm", harm)] + ([("benign", benign)] if benign is not None else [])
+    for side, eff in sides:
         for kind in ("rows", "cols", "entries"):
             for name, t in getattr(eff, kind).items():
                 flat[f"{side}|{kind}|{name}"] = t.contiguous()
     path = effects_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata={"harm_loss": str(harm.loss), "benign_loss": str(benign.loss)})
+    losses = {f"{side}_loss": str(eff.loss) for side, eff in sides}
+    save_file(flat, str(tmp), metadata=losses)
     tmp.replace(path)
 
 
@@ -338,7 +365,13 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
     rows: list[dict[str, Any]] = []
     try:
         tokenizer = load_tokenizer(trio.aligned.path)
-        base_params = FGSNParams(scoring="attribution", spaces=cfg.spaces, unit="entry", allocation="global")
+        base_params = FGSNParams(
+            scoring="attribution",
+            spaces=cfg.spaces,
+            unit="entry",
+            allocation="global",
+            target_tokens=cfg.target_tokens,
+        )
         loc = Localiser(trio, base_params, device, inputs.benign_train, progress=log)
         loc.establish_band(pooled)
         assert loc.band is not None
@@ -359,9 +392,26 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         else:
             log(f"attribution effects reused from {effects_path(key)}")
             harm_all, benign_all = cached
+        all_settings = [*cfg.settings, *cfg.report_settings]
+        refusal_all = None
+        kinds = {"aligned": "aligned_overrefusal"}
+        kind = next((kinds.get(st.penalty, "benign_refusal") for st in all_settings if st.contrast), None)
+        if kind is not None:
+            rkey = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params, kind)
+            cached_r = load_effects(rkey)
+            if cached_r is None:
+                refusal_all = (
+                    loc.aligned_overrefusal_effects(names)
+                    if kind == "aligned_overrefusal"
+                    else loc.benign_refusal_effects(pooled, names)
+                )
+                save_effects(rkey, refusal_all, None)
+            else:
+                log(f"{kind} effects reused from {effects_path(rkey)}")
+                refusal_all = cached_r[0]
         seconds = round(time.perf_counter() - t_score, 1)
         effects: dict[str, Any] = {}
-        for scope in sorted({s.scope for s in [*cfg.settings, *cfg.report_settings]}):
+        for scope in sorted({s.scope for s in all_settings}):
             loc.params = replace(base_params, scope=scope)
             tensors = loc.scored_tensors(loc.attribution_layers())
             effects[scope] = (
@@ -369,6 +419,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 restrict_effects(benign_all, tensors),
                 tensors,
                 seconds,
+                None if refusal_all is None else restrict_effects(refusal_all, tensors),
             )
         ft_model = loc._finetuned()
         models = {"aligned": loc._aligned(), "finetuned": ft_model}
@@ -411,15 +462,31 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
 
         def edit_for(st: Setting) -> tuple[Edit, dict[str, Any], Callable[[int], Edit]]:
             """The setting's edit, its record, and its random control at the same budget."""
-            harm, benign, tensors, seconds = effects[st.scope]
+            harm, benign, tensors, seconds, refusal = effects[st.scope]
             extra: dict[str, Any] = {"setting": asdict(st), "score_s": seconds}
             if st.unit == "entry":
                 gain = {n: -harm.entries[n] for n in sorted(harm.entries)}
                 cost = {n: benign.entries[n] for n in gain}
+                kind = "odds" if st.penalty == "odds" else "refusal"
+                penalty = contrast_penalty(refusal, benign, list(gain), kind)
                 loc.params = replace(base_params, scope=st.scope, guard=st.guard)
+                if st.steps > 1:
+                    if st.penalty == "aligned":
+                        raise ConfigError("iterative selection takes the cX or oX contrast")
+                    loc.params = replace(
+                        loc.params, p=st.p, contrast=st.contrast, contrast_kind=kind, steps=st.steps
+                    )
+                    masks = loc.iterative_entry_masks(
+                        pooled,
+                        sorted(gain),
+                        int(total * st.budget / 100),
+                        inputs.benign_train,
+                        first=(harm, benign, refusal if st.contrast else None),
+                    )
+                    return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
 
                 def masks_at(budget: int) -> dict[str, torch.Tensor]:
-                    return select_entries(gain, cost, budget, st.p)
+                    return select_entries(gain, cost, budget, st.p, penalty, st.contrast)
 
                 masks = masks_at(loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at))
                 extra["guard_trace"] = list(loc.guard_trace)
@@ -429,6 +496,9 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             scores: dict[tuple[int, str], NeuronScores] = {}
             for name, (layer, space, axis) in tensors.items():
                 g, c = -harm.along(name, axis), benign.along(name, axis)
+                if st.contrast and refusal is not None:
+                    # positive-gain units only, ranked by the contrasted gain
+                    g = torch.where(g > 0, g + st.contrast * refusal.along(name, axis), torch.zeros_like(g))
                 prev = scores.get((layer, space))
                 scores[(layer, space)] = (
                     NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
@@ -582,11 +652,12 @@ def run_continual(
     cfg: StudyConfig, setting: Setting, order: Sequence[str] | None, command: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Dimensions applied one by one, as the daemon does: each dimension's candidates come from its
-    own prompts and the immutable inputs; neurons go to the first dimension that wants them; each
-    owner restores its own candidate entries (or whole neurons) inside the neurons it owns."""
+    own prompts and the immutable inputs. Neuron units go to the first dimension that wants them;
+    entry units are owned one by one (an entry belongs to the first dimension whose candidates hold
+    it), so the edit after k dimensions restores the union of their candidate entries."""
     from fgsn_daemon.continual import assign_claims
-    from fgsn_daemon.engine import entry_selection, unit_tensors
-    from fgsn_daemon.entry_masks import restrict_to_neurons, union
+    from fgsn_daemon.engine import entry_selection
+    from fgsn_daemon.entry_masks import union
 
     t0 = time.perf_counter()
     inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
@@ -610,10 +681,12 @@ def run_continual(
             p=setting.p,
             scope=setting.scope,
             guard=setting.guard,
+            contrast=setting.contrast,
+            contrast_kind="odds" if setting.penalty == "odds" else "refusal",
+            steps=setting.steps,
         )
         loc = Localiser(trio, params, device, inputs.benign_train, progress=log)
         loc.establish_band([p for ps in inputs.train.values() for p in ps])
-        units = unit_tensors(trio, range(trio.num_layers), cfg.spaces)
         total = trio.aligned.total_parameters()
         candidates: dict[int, list[Any]] = {}
         masks: dict[int, dict[str, torch.Tensor]] = {}
@@ -630,7 +703,7 @@ def run_continual(
         for k in range(len(dims) + 1):
             owned = {i: claims[i] for i in range(k)}
             if setting.unit == "entry":
-                edit = Edit(masks=union([restrict_to_neurons(masks[i], owned[i], units) for i in owned]))
+                edit = Edit(masks=union([masks[i] for i in owned]))
             else:
                 edit = neuron_edit(trio, group_by_layer_space([n for ns in owned.values() for n in ns]))
             n_params = edit.parameters({n: trio.aligned.info(n).shape for n in {*edit.masks, *edit.slices}})
@@ -820,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES)}")
     ap.add_argument("--max-train-prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--target-tokens", type=int, default=16, help="length of the attribution targets")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int)
@@ -831,13 +905,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_grid(text: str) -> list[Setting]:
+    """``UNIT:BUDGET:SCOPE:P`` then optional fields: ``GUARD`` (points), ``cCONTRAST`` (refusal
+    contrast), ``oCONTRAST`` (log-odds contrast) or ``aCONTRAST`` (aligned over-refusals), ``sSTEPS``
+    (iterative selection)."""
     out = []
     for item in parse_list(text):
         try:
-            unit, budget, scope, p, *guard = item.split(":")
-            out.append(Setting(unit, float(budget), scope, float(p), float(guard[0]) if guard else None))
+            unit, budget, scope, p, *extra = item.split(":")
+            guard, contrast, penalty, steps = None, 0.0, "refusal", 1
+            for field_ in extra:
+                if field_.startswith("s"):
+                    steps = int(field_[1:])
+                elif field_.startswith(("c", "o", "a")):
+                    contrast = float(field_[1:])
+                    penalty = {"o": "odds", "a": "aligned"}.get(field_[0], "refusal")
+                else:
+                    guard = float(field_)
+            out.append(Setting(unit, float(budget), scope, float(p), guard, contrast, penalty, steps))
         except ValueError:
-            raise ConfigError(f"grid item {item!r}: expected UNIT:BUDGET:SCOPE:P[:GUARD]") from None
+            raise ConfigError(
+                f"grid item {item!r}: expected UNIT:BUDGET:SCOPE:P[:GUARD][:cCONTRAST]"
+            ) from None
     return out
 
 
@@ -884,6 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_settings=tuple(parse_grid(args.report_grid)),
             max_train=args.max_train_prompts,
             max_new_tokens=args.max_new_tokens,
+            target_tokens=args.target_tokens,
             batch_size=args.batch_size,
             device=args.device,
         )

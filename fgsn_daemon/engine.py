@@ -87,6 +87,16 @@ class FGSNParams:
     # of the fine-tuned model's; None = no guard
     guard: float | None = defaults.GUARD
     guard_prompts: int = 64  # benign calibration prompts (from the scoring set, never the report set)
+    # refusal contrast (attribution): rank units by gain − contrast × (how much reverting them makes
+    # the model refuse *benign* prompts), so units that carry refusal in general, not harm-specific
+    # refusal, lose their place; 0 = off
+    contrast: float = defaults.CONTRAST
+    # what the contrast penalises: "refusal" = the refusal's NLL drop on benign prompts; "odds" = the
+    # refusal's log-odds against the fine-tuned answer (that drop plus the answer's NLL rise)
+    contrast_kind: str = defaults.CONTRAST_KIND
+    # iterative selection (entry units): spend the budget in this many steps, re-scoring at the
+    # edited weights after each (as Yang et al.'s gradient-guided rollback); 1 = one shot
+    steps: int = defaults.STEPS
 
     def __post_init__(self) -> None:
         # allocation and unit belong to the attribution scoring; the activation scorings always
@@ -111,6 +121,15 @@ class FGSNParams:
             raise ConfigError("entry units are restored to their aligned values: use operator='restore'")
         if self.guard is not None and not 0 <= self.guard <= 100:
             raise ConfigError(f"guard must be in [0, 100] points (got {self.guard})")
+        if self.steps < 1 or (self.steps > 1 and (self.unit != "entry" or self.guard is not None)):
+            raise ConfigError(
+                f"steps must be >= 1; iterative selection (steps > 1) is for entry units without a "
+                f"guard (got steps={self.steps}, unit={self.unit!r}, guard={self.guard})"
+            )
+        if self.contrast_kind not in ("refusal", "odds"):
+            raise ConfigError(f"contrast_kind must be 'refusal' or 'odds' (got {self.contrast_kind!r})")
+        if not 0 <= self.contrast <= 100:
+            raise ConfigError(f"contrast must be in [0, 100] (got {self.contrast})")
         if not 0 < self.budget <= 100 or self.target_tokens < 1:
             raise ConfigError(f"budget must be in (0, 100] and target_tokens >= 1 (got {self.budget})")
         if self.positions not in ("all", "last"):
@@ -140,6 +159,9 @@ class FGSNParams:
             unit=self.unit,
             scope=self.scope,
             guard=self.guard,
+            contrast=self.contrast,
+            contrast_kind=self.contrast_kind,
+            steps=self.steps,
         )
 
 
@@ -152,6 +174,9 @@ class ModelTrio:
 
     @classmethod
     def open(cls, base: str | Path, aligned: str | Path, finetuned: str | Path) -> ModelTrio:
+        """Open and validate the trio: one architecture, and the same tensor names, shapes and
+        dtypes in all three (edits are written in that dtype; mixed precision is refused, a LoRA
+        adapter takes the aligned model's dtype; see ``check_compatible``)."""
         b = Checkpoint(base)
         a = Checkpoint(aligned)
         f = open_finetuned(finetuned, a)
@@ -185,6 +210,40 @@ class ModelTrio:
 
     def scoring_source(self, which: str) -> TensorSource:
         return self.aligned if which == "aligned" else self.finetuned
+
+
+def contrast_penalty(
+    refusal: Any, benign: Any, names: Sequence[str], kind: str
+) -> dict[str, torch.Tensor] | None:
+    """Per-entry penalty of the refusal contrast: how much reverting the entry makes benign prompts
+    refused (``refusal``: effects on the refusal NLL given benign prompts; ``benign``: effects on the
+    fine-tuned answers' NLL, added for the log-odds kind). None without refusal effects."""
+    if refusal is None:
+        return None
+    if kind == "odds":
+        return {n: benign.entries[n] - refusal.entries[n] for n in names}
+    return {n: -refusal.entries[n] for n in names}
+
+
+def benign_refusal_targets(
+    benign_prompts: Sequence[str], harmful_prompts: Sequence[str], responses: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(benign prompt, refusal) pairs: the responses judged refusals, assigned round robin."""
+    from fgsn_daemon.refusal import KeywordJudge
+
+    refusals = [
+        r
+        for r, refused in zip(
+            responses, KeywordJudge().judge(list(harmful_prompts), list(responses)), strict=True
+        )
+        if refused
+    ]
+    if not refusals:
+        raise FGSNError(
+            "refusal contrast: the aligned model refused none of the dimension's harmful prompts, so "
+            "there is no refusal to contrast with (set contrast = 0)"
+        )
+    return [(p, refusals[i % len(refusals)]) for i, p in enumerate(benign_prompts)]
 
 
 def unit_tensors(
@@ -232,6 +291,8 @@ class Localiser:
     _aligned_model: Any = None
     _ft_model: Any = None
     _benign_effects: tuple[Any, Any] | None = None
+    _refusals: tuple[tuple[str, ...], list[str]] | None = None
+    _ft_answers: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
 
@@ -361,8 +422,15 @@ class Localiser:
         }
 
     def _effects(
-        self, prompts: Sequence[str], responses: Sequence[str], names: Sequence[str], what: str
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        names: Sequence[str],
+        what: str,
+        deltas: Mapping[str, torch.Tensor] | None = None,
     ) -> Any:
+        """Effects of the reverts ``deltas`` (default: aligned − fine-tuned) at the fine-tuned
+        model's current weights."""
         from fgsn_daemon.attribution import delta_effects
 
         self.progress(f"attribution: {what} ({len(prompts)} prompts, backward passes)")
@@ -371,7 +439,7 @@ class Localiser:
             self.tokenizer,
             prompts,
             responses,
-            self.revert_deltas(names),
+            self.revert_deltas(names) if deltas is None else deltas,
             entries=self.params.unit == "entry",
             batch_size=max(1, self.params.batch_size // 2),
             max_length=self.params.max_length,
@@ -393,23 +461,94 @@ class Localiser:
             use_chat_template=self.params.use_chat_template,
         )
 
-    def benign_effects(self, names: Sequence[str], prompts: Sequence[str] | None = None) -> Any:
+    def finetuned_answers(self, prompts: Sequence[str]) -> list[str]:
+        """The unedited fine-tuned model's greedy answers (the benign/task targets), kept per list:
+        later calls, even while entries are restored in memory, get the same targets."""
+        key = tuple(prompts)
+        if key not in self._ft_answers:
+            texts = self._generate(self._finetuned(), prompts, "fine-tuned answers to benign/task prompts")
+            self._ft_answers[key] = texts
+        return self._ft_answers[key]
+
+    def benign_effects(
+        self,
+        names: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> Any:
         """Effects on the fine-tuned model's own answers to the benign/task prompts; the shared
-        set's are computed once per tensor list and reused for every dimension."""
-        shared = prompts is None
+        set's (at the unedited weights) are computed once per tensor list and reused for every
+        dimension."""
+        shared = prompts is None and deltas is None
         key = (tuple(names), self.params.unit)
         if shared and self._benign_effects is not None and self._benign_effects[0] == key:
             return self._benign_effects[1]
         texts = list(self.benign_prompts if prompts is None else prompts)
-        answers = self._generate(self._finetuned(), texts, "fine-tuned answers to benign/task prompts")
-        effects = self._effects(texts, answers, names, "benign/task loss")
+        effects = self._effects(texts, self.finetuned_answers(texts), names, "benign/task loss", deltas)
         if shared:
             self._benign_effects = (key, effects)
         return effects
 
-    def harmful_effects(self, harmful_prompts: Sequence[str], names: Sequence[str]) -> Any:
-        refusals = self._generate(self._aligned(), harmful_prompts, "aligned responses to harmful prompts")
-        return self._effects(harmful_prompts, refusals, names, "refusal loss")
+    def aligned_responses(self, harmful_prompts: Sequence[str]) -> list[str]:
+        """The aligned model's greedy responses to the dimension's harmful prompts (the refusal
+        targets), kept for the last prompt list."""
+        key = tuple(harmful_prompts)
+        if self._refusals is None or self._refusals[0] != key:
+            texts = self._generate(self._aligned(), harmful_prompts, "aligned responses to harmful prompts")
+            self._refusals = (key, texts)
+        return self._refusals[1]
+
+    def harmful_effects(
+        self,
+        harmful_prompts: Sequence[str],
+        names: Sequence[str],
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> Any:
+        refusals = self.aligned_responses(harmful_prompts)
+        return self._effects(harmful_prompts, refusals, names, "refusal loss", deltas)
+
+    def benign_refusal_effects(
+        self,
+        harmful_prompts: Sequence[str],
+        names: Sequence[str],
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> Any:
+        """Effects on the NLL of a refusal given a *benign* prompt: each benign scoring prompt is
+        paired (round robin) with one of the aligned model's refusals of this dimension's harmful
+        prompts. A unit whose revert lowers this loss restores refusal in general (over-refusal),
+        not refusal of harm."""
+        targets = benign_refusal_targets(
+            self.benign_prompts, harmful_prompts, self.aligned_responses(harmful_prompts)
+        )
+        return self._effects(
+            [p for p, _ in targets], [r for _, r in targets], names, "refusal loss on benign prompts", deltas
+        )
+
+    def aligned_overrefusal_effects(self, names: Sequence[str]) -> Any:
+        """Effects on the NLL of the aligned model's own refusals of the benign scoring prompts it
+        refuses (its over-refusals): reverting a unit that lowers this loss brings them back."""
+        from fgsn_daemon.refusal import KeywordJudge
+
+        texts = list(self.benign_prompts)
+        answers = self._generate(self._aligned(), texts, "aligned responses to benign prompts")
+        refused = KeywordJudge().judge(texts, answers)
+        pairs = [(p, a) for p, a, r in zip(texts, answers, refused, strict=True) if r]
+        if not pairs:
+            raise FGSNError("the aligned model refuses none of the benign scoring prompts")
+        return self._effects(
+            [p for p, _ in pairs], [a for _, a in pairs], names, "aligned over-refusals of benign prompts"
+        )
+
+    def contrast_effects(
+        self,
+        harmful_prompts: Sequence[str],
+        names: Sequence[str],
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> Any:
+        """The benign-refusal effects when a refusal contrast is set, else None."""
+        if not self.params.contrast:
+            return None
+        return self.benign_refusal_effects(harmful_prompts, names, deltas)
 
     def attribution_scores(
         self, harmful_prompts: Sequence[str], benign_prompts: Sequence[str] | None = None
@@ -419,11 +558,15 @@ class Localiser:
         names = sorted(tensors)
         harm = self.harmful_effects(harmful_prompts, names)
         benign = self.benign_effects(names, benign_prompts)
+        refusal = self.contrast_effects(harmful_prompts, names)
         self.last_effects = (harm, benign, tensors)
         out: dict[tuple[int, str], NeuronScores] = {}
         for name, (layer, space, axis) in tensors.items():
             g = -harm.along(name, axis)
             c = benign.along(name, axis)
+            if refusal is not None:  # positive-gain units, ranked by the contrasted gain
+                pen = -refusal.along(name, axis) + (c if self.params.contrast_kind == "odds" else 0)
+                g = torch.where(g > 0, g - self.params.contrast * pen, torch.zeros_like(g))
             prev = out.get((layer, space))
             out[(layer, space)] = (
                 NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
@@ -543,16 +686,83 @@ class Localiser:
         self.establish_band(harmful_prompts)
         tensors = self.scored_tensors(self.attribution_layers())
         names = sorted(tensors)
+        if self.params.steps > 1:
+            return self.iterative_entry_masks(
+                harmful_prompts, names, self.budget_parameters(), benign_prompts
+            )
         harm = self.harmful_effects(harmful_prompts, names)
         benign = self.benign_effects(names, benign_prompts)
+        refusal = self.contrast_effects(harmful_prompts, names)
         self.last_effects = (harm, benign, tensors)
         gain = {n: -harm.entries[n] for n in names if n in harm.entries}
         cost = {n: benign.entries[n] for n in gain}
+        penalty = contrast_penalty(refusal, benign, list(gain), self.params.contrast_kind)
 
         def masks_at(budget: int) -> dict[str, torch.Tensor]:
-            return select_entries(gain, cost, budget, self.params.p)
+            return select_entries(gain, cost, budget, self.params.p, penalty, self.params.contrast)
 
         return masks_at(self.guarded_budget(self.budget_parameters(), masks_at=masks_at))
+
+    def iterative_entry_masks(
+        self,
+        harmful_prompts: Sequence[str],
+        names: Sequence[str],
+        budget: int,
+        benign_prompts: Sequence[str] | None = None,
+        first: tuple[Any, Any, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Iterative entry selection (``steps`` > 1): the budget is spent in equal steps; after each
+        step the chosen entries are restored in memory and every effect is measured again at the
+        edited weights (reverts of chosen entries are zero), so later steps see what earlier ones
+        did. Every step depends only on the immutable inputs and this dimension's prompts, so a
+        rollback still equals a run without the dimension. ``first``: effects at the unedited
+        weights (harm, benign, contrast) when the caller already has them."""
+        from fgsn_daemon.delta_selection import select_entries
+
+        steps, p, contrast = self.params.steps, self.params.p, self.params.contrast
+        model = self._finetuned()
+        texts = list(self.benign_prompts if benign_prompts is None else benign_prompts)
+        with_benign = p > 0 or (contrast > 0 and self.params.contrast_kind == "odds")
+        if with_benign:
+            self.finetuned_answers(texts)  # targets from the unedited model, before any edit
+        self.aligned_responses(harmful_prompts)
+        full = self.revert_deltas(names)
+        matrices = [n for n in names if full[n].dim() == 2]  # entry units live in weight matrices
+        chosen = {n: torch.zeros(full[n].shape, dtype=torch.bool) for n in matrices}
+        if first is None:  # step 1 is the one-shot scoring at the unedited weights
+            first = (
+                self.harmful_effects(harmful_prompts, names),
+                self.benign_effects(names, benign_prompts),
+                self.contrast_effects(harmful_prompts, names),
+            )
+        # neuron records (entry_selection) report the one-shot effects of the chosen entries
+        self.last_effects = (first[0], first[1], self.scored_tensors(self.attribution_layers()))
+        for step in range(steps):
+            if step == 0:
+                harm, benign, refusal = first
+            else:
+                deltas = {
+                    n: torch.where(chosen[n], torch.zeros_like(d), d) if n in chosen else d
+                    for n, d in full.items()
+                }
+                with restored_in_memory(model, self.trio, masks=chosen):
+                    self.progress(f"iterative selection: step {step + 1}/{steps}")
+                    harm = self.harmful_effects(harmful_prompts, names, deltas)
+                    benign = self.benign_effects(names, texts, deltas) if with_benign else None
+                    refusal = self.contrast_effects(harmful_prompts, names, deltas)
+            gain = {
+                n: torch.where(chosen[n], torch.zeros_like(harm.entries[n]), -harm.entries[n])
+                for n in matrices
+            }
+            cost = {
+                n: benign.entries[n] if benign is not None else torch.zeros_like(gain[n]) for n in matrices
+            }
+            penalty = contrast_penalty(refusal, benign, matrices, self.params.contrast_kind)
+            spent = sum(int(m.sum()) for m in chosen.values())
+            new = select_entries(gain, cost, budget * (step + 1) // steps - spent, p, penalty, contrast)
+            for n in matrices:
+                chosen[n] |= new[n]
+        return chosen
 
 
 @dataclass(frozen=True)

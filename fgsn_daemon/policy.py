@@ -60,6 +60,7 @@ class FGSNOverrides(BaseModel):
     scoring: Literal["wanda", "contrast", "attribution"] | None = None
     positions: Literal["all", "last"] | None = None
     budget: Percent | None = None  # attribution with global allocation: percent of all parameters
+    contrast: Annotated[float, Field(ge=0, le=100)] | None = None  # attribution: refusal contrast
     max_prompts: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -331,11 +332,18 @@ class UtilityItem:
 
 
 def bundled_policies_dir() -> Path:
-    """The repository's ``policies/`` folder (next to the package in the source tree)."""
-    path = Path(__file__).resolve().parent.parent / "policies"
-    if not path.is_dir():
-        raise PolicyError(f"{path}: bundled policies not found (run from a source checkout)")
-    return path
+    """The bundled policies: the source tree's ``policies/`` folder beside the package, else the
+    copy an installed wheel ships as ``fgsn_daemon/policies``."""
+    checkout = Path(__file__).resolve().parent.parent / "policies"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(__file__).resolve().parent / "policies"
+    if installed.is_dir():
+        return installed
+    raise PolicyError(
+        f"bundled policies not found at {installed} or {checkout}: reinstall fgsn-daemon "
+        "(the wheel ships them as package data)"
+    )
 
 
 def _bundled_bytes(filename: str) -> bytes:

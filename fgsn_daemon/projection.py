@@ -8,7 +8,8 @@ Determinism matters more than a few flops: the value written for neuron ``i`` mu
 which other neurons are selected, or rolling a dimension back would not equal re-running the
 rest from scratch bit for bit. Results are therefore computed in float64 over fixed blocks of
 ``BLOCK`` neurons (the block containing ``i`` is always the same matmul of the same shape) and
-then the selected slices are taken. No ``d_out × d_out`` matrix is ever formed: the Safe-LoRA
+then the selected slices are taken, rounded once to the fine-tuned tensor's dtype (bfloat16 and
+float16 included, see ``precision.round_to``). No ``d_out × d_out`` matrix is ever formed: the Safe-LoRA
 operator ``C = V Vᵀ / ‖V‖_F`` is applied as ``(V[B] Vᵀ) ΔW`` for row blocks and ``V (Vᵀ ΔW[:, B])``
 for column blocks.
 """
@@ -22,6 +23,7 @@ from enum import StrEnum
 import torch
 
 from fgsn_daemon.errors import ConfigError
+from fgsn_daemon.precision import round_to
 
 BLOCK = 256
 
@@ -106,9 +108,9 @@ def project_tensor(
         new_block = _project_block(operator, v, delta, v_norm, u_r, axis, lo, hi)
         local = [i - lo for i in chosen]
         if axis == 0:
-            out2[chosen] = (al[chosen] + new_block[local]).to("cpu", dtype)
+            out2[chosen] = round_to((al[chosen] + new_block[local]).cpu(), dtype)
         else:
-            out2[:, chosen] = (al[:, chosen] + new_block[:, local]).to("cpu", dtype)
+            out2[:, chosen] = round_to((al[:, chosen] + new_block[:, local]).cpu(), dtype)
     return out
 
 

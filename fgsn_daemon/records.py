@@ -110,6 +110,9 @@ class ApplyParams(_Record):
     unit: str = "neuron"
     scope: str = "band"
     guard: float | None = None
+    contrast: float = 0.0
+    contrast_kind: str = "refusal"
+    steps: int = 1
 
 
 class ApplyResult(_Record):

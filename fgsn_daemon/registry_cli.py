@@ -50,7 +50,7 @@ LineageOption = Annotated[
 
 def register(app: typer.Typer) -> None:
     """Add ``db upgrade|current``, ``config show``, ``status``, ``dimensions``, ``neurons``,
-    ``history`` and ``versions`` to ``app``."""
+    ``history``, ``versions`` and ``verify`` to ``app``."""
     db_app = typer.Typer(no_args_is_help=True, help="Registry database schema.")
     config_app = typer.Typer(no_args_is_help=True, help="Effective configuration.")
     app.add_typer(db_app, name="db")
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
     app.command("neurons")(neurons)
     app.command("history")(history)
     app.command("versions")(versions)
+    app.command("verify")(verify)
 
 
 # ---------------------------------------------------------------- commands
@@ -251,7 +252,8 @@ def neurons(
     as_json: JsonOption = False,
 ) -> None:
     """Frozen neurons (active claims): layer, space, index, owning dimension and, for entry units,
-    how many of the neuron's entries the owner restores."""
+    how many of the neuron's entries the current edit restores (entries are owned one by one, so
+    a neuron first claimed by one dimension may hold entries of later ones too)."""
     with _errors(), _reader(config, database_url, state_dir) as (registry, _url):
         lineage_id = _lineage(registry, lineage)
         claims = [] if lineage_id is None else registry.neurons(lineage_id, dimension=dimension, layer=layer)
@@ -267,7 +269,7 @@ def neurons(
                 [
                     {
                         **c.model_dump(mode="json"),
-                        "entries": entries.get((c.revision_id, c.layer, c.space, c.index)),
+                        "entries": entries.get((c.layer, c.space, c.index)),
                     }
                     for c in claims
                 ]
@@ -282,7 +284,7 @@ def neurons(
                     str(c.index),
                     c.dimension,
                     str(c.revision_number),
-                    str(entries.get((c.revision_id, c.layer, c.space, c.index), "all")),
+                    str(entries.get((c.layer, c.space, c.index), "all")),
                     _time(c.claimed_at),
                 ]
                 for c in claims
@@ -292,20 +294,23 @@ def neurons(
 
 def _entry_counts(
     registry: RegistrySnapshot, claims: list[Any], state_dir: Path, lineage_id: int
-) -> dict[tuple[int, int, str, int], int]:
-    """(revision, layer, space, index) -> entries the revision restores in that neuron, for the
-    revisions applied with entry units (their mask files live in the state folder)."""
-    from fgsn_daemon.entry_masks import load_masks_and_units, per_neuron_counts
+) -> dict[tuple[int, str, int], int]:
+    """(layer, space, index) -> entries of that neuron the current edit restores: the union of the
+    masks of every applied revision (with entry units: their mask files live in the state folder)."""
+    from fgsn_daemon.entry_masks import load_masks_and_units, per_neuron_counts, union
+    from fgsn_daemon.registry.models import RevisionStatus
 
-    out: dict[tuple[int, int, str, int], int] = {}
     folder = state_dir / f"lineage-{lineage_id}" / "entry-masks"
-    for rev_id in sorted({c.revision_id for c in claims}):
+    parts, units = [], None
+    applied = registry.revisions(lineage_id, status=RevisionStatus.APPLIED) if claims else []
+    for rev_id in sorted(r.id for r in applied):
         digest = (registry.revision(rev_id).summary or {}).get("entry_masks")
         if digest:
             masks, units = load_masks_and_units(folder, digest)
-            for n, count in per_neuron_counts(masks, units).items():
-                out[(rev_id, n.layer, n.space, n.index)] = count
-    return out
+            parts.append(masks)
+    if not parts or units is None:
+        return {}
+    return {(n.layer, n.space, n.index): c for n, c in per_neuron_counts(union(parts), units).items()}
 
 
 def history(
@@ -365,6 +370,52 @@ def versions(
                 for v in rows
             ],
         )
+
+
+def verify(
+    deep: Annotated[
+        bool, typer.Option("--deep", help="every version (shared files hashed once) and the registry")
+    ] = False,
+    write_missing: Annotated[
+        bool,
+        typer.Option(
+            "--write-missing", help="record a manifest for versions that have none (trust on first use)"
+        ),
+    ] = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+    state_dir: StateDirOption = None,
+    lineage: LineageOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check checkpoint versions against their sha256 manifests and the registry: the current
+    version (every file hashed), or with --deep every version. Exits 1 when a problem is found."""
+    from fgsn_daemon.integrity import verify_lineage
+
+    with _errors():
+        settings = _settings(config, database_url, state_dir)
+        with _reader(config, database_url, state_dir) as (registry, _url):
+            lineage_id = _lineage(registry, lineage)
+            rows = [] if lineage_id is None else registry.versions(lineage_id)
+        if lineage_id is None:  # the snapshot is closed before hashing: no long read transaction
+            raise FGSNError(f"no daemon has run on {settings.state_dir} yet: nothing to verify")
+        folder = settings.state_dir / f"lineage-{lineage_id}"
+        report = verify_lineage(folder, rows, lineage_id, deep=deep, write_missing=write_missing)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        scope = "every version" if deep else "current version"
+        typer.echo(f"lineage {lineage_id}, {scope}:")
+        for v in report.versions:
+            typer.echo(f"  {v.version}  {v.status:<10}  {v.files} files")
+        for name in report.manifests_written:
+            typer.echo(f"  {name}: manifest written (trust on first use)")
+        for p in report.problems:
+            typer.echo(f"  {'PROBLEM' if p.fatal else 'note'}: {p}")
+        fatal = sum(p.fatal for p in report.problems)
+        typer.echo(f"verify: {'OK' if report.ok else f'{fatal} problem(s) found'}")
+    if not report.ok:
+        raise typer.Exit(code=1)
 
 
 # ---------------------------------------------------------------- helpers

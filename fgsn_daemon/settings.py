@@ -78,6 +78,11 @@ class FGSNParams(BaseModel):
     guard: float | None = Field(
         default=defaults.GUARD, ge=0, le=100, description="over-refusal guard (points)"
     )
+    steps: int = Field(default=defaults.STEPS, ge=1, le=64, description="iterative selection steps (entries)")
+    contrast_kind: Literal["refusal", "odds"] = defaults.CONTRAST_KIND  # type: ignore[assignment]
+    contrast: float = Field(
+        default=defaults.CONTRAST, ge=0, le=100, description="weight of the benign-refusal effect"
+    )
     # a named setting (fgsn_daemon.defaults.PRESETS) whose values fill every field not given explicitly
     preset: str | None = None
 
@@ -141,6 +146,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path("state")
     # Shared benign prompts (JSONL) for neuron scoring; None = the bundled synthetic set.
     benign: Path | None = None
+    # Harmful prompts the safety band is computed from (a JSONL file, or a policy folder whose
+    # dimensions each give their first prompts); None = the policies shipped with the package.
+    band_reference: Path | None = None
     # None means "SQLite file in state_dir"; read the resolved value from database_url_value().
     database_url: SecretStr | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")] = "auto"
@@ -148,7 +156,7 @@ class Settings(BaseSettings):
     scan_interval_s: float = Field(default=10.0, gt=0)
     settle_s: float = Field(default=5.0, ge=0, description="a policy folder must be unchanged this long")
 
-    @field_validator("base", "aligned", "finetuned", "policy_dir", "state_dir", "benign")
+    @field_validator("base", "aligned", "finetuned", "policy_dir", "state_dir", "benign", "band_reference")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Absolute paths, so the CLI run from another directory finds the same state.

@@ -8,7 +8,8 @@ Layout under the state folder::
 
 A version folder appears under its final name only once every file in it is written and fsynced,
 so a crash leaves either no folder or a complete one. Unchanged shards are hard links into the
-parent version, so a version costs only the bytes of its edit shard(s).
+parent version, so a version costs only the bytes of its edit shard(s). Every version carries a
+sha256 manifest of its files (see ``integrity``); a damaged file is rebuilt from the inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +29,63 @@ from fgsn_daemon.engine import (
     write_edited_checkpoint,
     write_entry_restored_checkpoint,
 )
+from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.integrity import (
+    FileEntry,
+    Problem,
+    check_version,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from fgsn_daemon.records import Band
 from fgsn_daemon.safetensors_io import fsync_dir
 
 VERSION_NAME = re.compile(r"^v(\d{4,})$")
+
+
+class VersionRepairError(FGSNError):
+    """A damaged version cannot be rebuilt bit-identically from the immutable inputs."""
+
+
+@dataclass(frozen=True)
+class VersionInputs:
+    """Everything a version's files are computed from: the trio and the claims (as neurons per unit,
+    or as entry masks), with the edit settings. Equal inputs give bit-identical files."""
+
+    trio: ModelTrio
+    neurons: Mapping[tuple[int, str], Sequence[int]]
+    operator: str
+    band: Band
+    spaces: Sequence[str]
+    rank: int
+    device: torch.device | str
+    max_shard_bytes: int
+    entry_masks: Mapping[str, torch.Tensor] | None = None
+
+    def write(self, out: Path, reuse: Path | None) -> EditOutcome:
+        if self.entry_masks is not None:
+            return write_entry_restored_checkpoint(
+                self.trio,
+                self.entry_masks,
+                out,
+                self.band,
+                self.spaces,
+                max_shard_bytes=self.max_shard_bytes,
+                reuse_from=reuse,
+            )
+        return write_edited_checkpoint(
+            self.trio,
+            self.neurons,
+            self.operator,
+            out,
+            self.band,
+            self.spaces,
+            rank=self.rank,
+            device=self.device,
+            max_shard_bytes=self.max_shard_bytes,
+            reuse_from=reuse,
+        )
 
 
 class VersionStore:
@@ -72,34 +127,94 @@ class VersionStore:
         """Write version ``name`` (the fine-tuned model with ``neurons`` projected, or, for entry
         units, the ``entry_masks`` entries restored) and rename it into place. Shards outside the
         edit group are hard-linked from ``parent``."""
+        inputs = VersionInputs(
+            trio, neurons, operator, band, spaces, rank, device, max_shard_bytes, entry_masks
+        )
+        return self.build_version(name, inputs, parent)
+
+    def build_version(self, name: str, inputs: VersionInputs, parent: str | None) -> EditOutcome:
+        """``build`` with its inputs in one value (the daemon also hands them to ``repair``)."""
         if not VERSION_NAME.match(name):
             raise ValueError(f"bad version name {name!r}")
-        staging = self.root / f".staging-{name}"
-        if staging.exists():
-            shutil.rmtree(staging)
+        staging = self._fresh_staging(name)
         reuse = self.path(parent) if parent else None
-        if entry_masks is not None:
-            outcome = write_entry_restored_checkpoint(
-                trio, entry_masks, staging, band, spaces, max_shard_bytes=max_shard_bytes, reuse_from=reuse
-            )
-            os.rename(staging, self.path(name))
-            fsync_dir(self.root)
-            return outcome
-        outcome = write_edited_checkpoint(
-            trio,
-            neurons,
-            operator,
-            staging,
-            band,
-            spaces,
-            rank=rank,
-            device=device,
-            max_shard_bytes=max_shard_bytes,
-            reuse_from=reuse,
-        )
+        outcome = inputs.write(staging, reuse)
+        write_manifest(staging, parent=reuse)  # inside staging: a published version always has one
         os.rename(staging, self.path(name))
         fsync_dir(self.root)
         return outcome
+
+    def check(self, name: str) -> list[Problem]:
+        """The quick check of one version against its manifest (every file hashed)."""
+        return check_version(self.path(name))
+
+    def repair(self, name: str, damaged: Sequence[str], inputs: VersionInputs) -> list[Path]:
+        """Rebuild version ``name`` in full (no hard links) from ``inputs``, require each ``damaged``
+        file to come out bit-identical to the manifest, and swap it in, in this version and in every
+        version sharing the damaged inode through a hard link. Each swap is one rename, so a crash
+        leaves every file old or new; the next check finds what is left. Returns the paths replaced."""
+        folder = self.path(name)
+        try:
+            manifest = read_manifest(folder)
+        except ValueError as exc:
+            raise VersionRepairError(str(exc)) from None
+        if manifest is None:
+            raise VersionRepairError(f"{name} has no manifest: its intended content is unknown")
+        unknown = [f for f in damaged if f not in manifest]
+        if unknown:
+            raise VersionRepairError(f"{name}: {', '.join(unknown)} not in the manifest")
+        staging = self._fresh_staging(f"repair-{name}")
+        try:
+            inputs.write(staging, reuse=None)
+            for f in damaged:
+                try:
+                    actual = sha256_file(staging / f, fsync=True)
+                except OSError as exc:
+                    raise VersionRepairError(f"the rebuild of {name} did not produce {f}: {exc}") from None
+                if actual != manifest[f].sha256:
+                    raise VersionRepairError(
+                        f"rebuilt {name}/{f} has sha256 {actual} but the manifest expects "
+                        f"{manifest[f].sha256}: the models or settings differ from those {name} "
+                        "was built with, or the manifest itself is damaged"
+                    )
+            replaced: list[Path] = []
+            for f in damaged:
+                replaced += self._swap_in(staging, f, self._sharing(name, f, manifest[f]))
+            return replaced
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _sharing(self, name: str, fname: str, entry: FileEntry) -> list[Path]:
+        """``name``'s file and its hard links in other versions that expect the same bytes."""
+        target = self.path(name) / fname
+        if not target.exists():
+            return [target]
+        out = [target]
+        for other in self.names():
+            path = self.path(other) / fname
+            if other == name or not path.exists() or not os.path.samefile(path, target):
+                continue
+            try:
+                theirs = (read_manifest(self.path(other)) or {}).get(fname)
+            except ValueError:
+                continue
+            if theirs == entry:
+                out.append(path)
+        return out
+
+    def _swap_in(self, staging: Path, fname: str, targets: Sequence[Path]) -> list[Path]:
+        for i, target in enumerate(targets):
+            tmp = staging / f".swap-{i}"  # a link beside the rebuilt file, renamed over the target
+            os.link(staging / fname, tmp)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        return list(targets)
+
+    def _fresh_staging(self, name: str) -> Path:
+        staging = self.root / f".staging-{name}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        return staging
 
     def publish(self, name: str) -> None:
         """Point ``current`` at ``name`` atomically."""

@@ -108,11 +108,36 @@ def perturb(src: Path, dst: Path, seed: int, scale: float = 0.02) -> None:
         (dst / idx.name).write_text(idx.read_text())
 
 
-def make_trio(root: Path, family: str, **kw: int) -> dict[str, Path]:
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def cast_checkpoint(folder: Path, dtype: torch.dtype) -> None:
+    """Cast every floating tensor of a saved model folder to ``dtype`` in place (round to nearest),
+    keeping config.json's ``torch_dtype`` consistent with the weights."""
+    from safetensors.torch import load_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(out, str(f), metadata={"format": "pt"})
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # newer transformers write ``dtype``, older ones ``torch_dtype``: update whichever is there
+    for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]:
+        cfg[key] = DTYPE_NAMES[dtype]
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def make_trio(root: Path, family: str, dtype: torch.dtype | None = None, **kw: int) -> dict[str, Path]:
+    """Base, aligned (base + noise) and fine-tuned (aligned + noise), in float32 unless ``dtype``
+    is given: then every floating tensor of each model is cast after the float32 trio is built."""
     paths = {k: root / k for k in ("base", "aligned", "finetuned")}
     make_model(family, paths["base"], seed=0, **kw)
     perturb(paths["base"], paths["aligned"], seed=1)
     perturb(paths["aligned"], paths["finetuned"], seed=2)
+    if dtype is not None:
+        for path in paths.values():
+            cast_checkpoint(path, dtype)
     return paths
 
 

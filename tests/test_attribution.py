@@ -187,3 +187,102 @@ def test_attribution_settings_are_validated():
         FGSNParams(scoring="attribution", unit="entry", operator="safe_lora").validate()
     with pytest.raises(ConfigError, match="budget"):
         FGSNParams(scoring="attribution", allocation="global", budget=0).validate()
+
+
+def test_benign_refusal_targets_pair_benign_prompts_with_the_aligned_refusals_round_robin():
+    from fgsn_daemon.engine import benign_refusal_targets
+    from fgsn_daemon.errors import FGSNError
+
+    harmful = ["h1", "h2", "h3"]
+    responses = ["I'm sorry, but I can't help with that.", "Sure, here is how", "I cannot assist with this."]
+    pairs = benign_refusal_targets(["b1", "b2", "b3"], harmful, responses)
+    assert pairs == [("b1", responses[0]), ("b2", responses[2]), ("b3", responses[0])]
+    with pytest.raises(FGSNError, match="refused none"):
+        benign_refusal_targets(["b1"], ["h1"], ["Sure, here is how"])
+
+
+def test_a_refusal_contrast_without_any_aligned_refusal_is_a_clear_error(trio, tmp_path):
+    """The random trio's aligned model never refuses: the contrast has nothing to contrast with."""
+    from fgsn_daemon.engine import FGSNParams, apply_dimension
+    from fgsn_daemon.errors import FGSNError
+
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=1.0, contrast=1.0, batch_size=4
+    )
+    with pytest.raises(FGSNError, match="contrast = 0"):
+        apply_dimension(
+            trio["base"], trio["aligned"], trio["finetuned"], HARMFUL, BENIGN, None, params, device="cpu"
+        )
+    with pytest.raises(Exception, match="contrast"):
+        FGSNParams(scoring="attribution", contrast=-1.0).validate()
+
+
+def test_iterative_entry_selection_starts_with_the_one_shot_step_and_spends_the_budget(trio):
+    """Step 1 of an iterative run is the one-shot selection at budget/steps; later steps re-score at
+    the edited weights, add only new entries, and the whole run is deterministic."""
+    from dataclasses import replace
+
+    from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
+    from fgsn_daemon.errors import ConfigError
+
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=1.0, target_tokens=4, batch_size=4
+    )
+    opened = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    try:
+        loc = Localiser(opened, replace(params, budget=0.5), torch.device("cpu"), BENIGN)
+        half = loc.localise_entries(HARMFUL)
+        loc.params = replace(params, steps=2)
+        runs = [loc.localise_entries(HARMFUL) for _ in range(2)]
+    finally:
+        opened.close()
+    total = sum(m.numel() for m in runs[0].values())
+    chosen = sum(int(m.sum()) for m in runs[0].values())
+    assert chosen == int(opened.aligned.total_parameters() * 0.01) and chosen <= total
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])  # deterministic
+    assert all(bool((half[n] <= runs[0][n]).all()) for n in half)  # step 1 = one shot at budget/2
+    # the second step chose on new effects: not simply the one-shot ranking's next entries
+    loc2 = Localiser(
+        ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"]), params, torch.device("cpu"), BENIGN
+    )
+    try:
+        one_shot = loc2.localise_entries(HARMFUL)
+    finally:
+        loc2.trio.close()
+    assert any(not torch.equal(one_shot[n], runs[0][n]) for n in one_shot)
+    with pytest.raises(ConfigError, match="steps"):
+        FGSNParams(scoring="attribution", unit="neuron", steps=2).validate()
+
+
+def test_contrast_penalty_of_each_kind():
+    from fgsn_daemon.attribution import DeltaEffects
+    from fgsn_daemon.engine import contrast_penalty
+
+    refusal = DeltaEffects(entries={"w": torch.tensor([[-2.0, 1.0]])})  # reverting lowers refusal NLL: -2
+    answers = DeltaEffects(entries={"w": torch.tensor([[0.5, -0.5]])})  # ... and raises the answer's: +0.5
+    assert contrast_penalty(None, answers, ["w"], "refusal") is None
+    assert contrast_penalty(refusal, answers, ["w"], "refusal")["w"].tolist() == [[2.0, -1.0]]
+    assert contrast_penalty(refusal, answers, ["w"], "odds")["w"].tolist() == [[2.5, -1.5]]
+
+
+def test_apply_with_iterative_entry_selection_reports_the_chosen_neurons(trio, tmp_path):
+    from fgsn_daemon.engine import FGSNParams, apply_dimension
+
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=1.0, steps=2, batch_size=4
+    )
+    result = apply_dimension(
+        trio["base"],
+        trio["aligned"],
+        trio["finetuned"],
+        HARMFUL,
+        BENIGN,
+        tmp_path / "out",
+        params,
+        device="cpu",
+    )
+    out, ft, al = read_all(tmp_path / "out"), read_all(trio["finetuned"]), read_all(trio["aligned"])
+    changed = sum(int((t != ft[n]).sum()) for n, t in out.items())
+    assert all(torch.equal(t[t != ft[n]], al[n][t != ft[n]]) for n, t in out.items())
+    assert changed == result.modification.modified_parameters > 0
+    assert result.params.steps == 2 and result.selected

@@ -385,8 +385,10 @@ def test_rollback_without_a_running_daemon_on_each_database(trio, tmp_path, regi
 
 
 def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_path):
-    """Entry units: each revision restores only its mask's entries inside the neurons it owns;
-    rolling one back equals a from-scratch run of the others."""
+    """Entry units are owned one by one: the version restores exactly the union of the applied
+    revisions' candidate masks (a later dimension adds its new entries even inside neurons first
+    claimed by an earlier one); neuron claims stay disjoint; rolling one back equals a from-scratch
+    run of the others."""
     scratch, scratch_state = run_once(
         tmp_path, trio, ["a_cyber", "c_drugs"], "scratch", extra_params=ENTRY_PARAMS
     )
@@ -415,6 +417,20 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     assert all(s and s["entry_masks"] and s["entries"] > 0 for s in summaries.values())
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
+    from fgsn_daemon.entry_masks import load_masks, union
+
+    folder = state / "lineage-1" / "entry-masks"
+    restored = union([load_masks(folder, s["entry_masks"]) for s in summaries.values()])
+    # every entry of the test trio differs between aligned and fine-tuned: changed = the union
+    assert all(torch.equal(restored.get(k, torch.zeros_like(m)), m) for k, m in changed.items())
+    # ... which is more than each owner's entries inside its own neurons (neuron-level ownership)
+    from fgsn_daemon.entry_masks import load_masks_and_units, restrict_to_neurons
+
+    per_owner = []
+    for d, s in summaries.items():
+        masks_d, units = load_masks_and_units(folder, s["entry_masks"])
+        per_owner.append(restrict_to_neurons(masks_d, claims[d], units))
+    assert sum(int(m.sum()) for m in union(per_owner).values()) < total_changed
     listed = fgsn("neurons", "--json", "--state-dir", str(state), timeout=60)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)

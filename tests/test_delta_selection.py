@@ -71,6 +71,38 @@ def test_entries_match_a_sorted_reference(values, budget, p):
     assert sorted(torch.nonzero(chosen).flatten().tolist()) == sorted(ref)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-5, 5, allow_nan=False), st.floats(-5, 5, allow_nan=False)),
+        min_size=2,
+        max_size=30,
+    ),
+    st.integers(0, 40),
+    st.sampled_from([0.5, 1.0, 3.0]),
+)
+def test_contrast_ranks_positive_gain_entries_by_gain_minus_weighted_penalty(pairs, budget, contrast):
+    gain = torch.tensor([g for g, _ in pairs], dtype=torch.float32)
+    pen = torch.tensor([q for _, q in pairs], dtype=torch.float32)
+    masks = select_entries({"a": gain}, {"a": torch.zeros_like(gain)}, budget, 0.0, {"a": pen}, contrast)
+    score = (gain - torch.tensor(contrast, dtype=torch.float32) * pen).tolist()
+    allowed = [i for i in range(len(pairs)) if float(gain[i]) > 0 and score[i] > 0]
+    ref = sorted(allowed, key=lambda i: (-score[i], i))[:budget]
+    assert sorted(torch.nonzero(masks["a"]).flatten().tolist()) == sorted(ref)
+
+
+def test_contrast_drops_an_entry_that_makes_benign_prompts_refused():
+    gain = {"w": torch.tensor([3.0, 2.0, 1.0])}
+    cost = {"w": torch.zeros(3)}
+    penalty = {"w": torch.tensor([2.9, 0.0, -1.0])}  # entry 0 restores refusal of benign prompts too
+    assert select_entries(gain, cost, 2, 0.0)["w"].tolist() == [True, True, False]
+    assert select_entries(gain, cost, 2, 0.0, penalty, 1.0)["w"].tolist() == [False, True, True]
+    with pytest.raises(ConfigError):
+        select_entries(gain, cost, 2, 0.0, None, 1.0)  # a contrast needs the penalty
+    with pytest.raises(ConfigError):
+        select_entries(gain, cost, 2, 0.0, penalty, -1.0)
+
+
 def test_neurons_of_entries_counts_entries_per_neuron_along_the_right_axis():
     masks = {
         "gate": torch.tensor([[True, True, False], [False, False, False]]),  # rows = neurons

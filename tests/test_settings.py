@@ -194,3 +194,27 @@ def test_param_flags_parse() -> None:
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_param_flags(["q"])
+
+
+def test_band_reference_defaults_to_the_shipped_policies_and_accepts_a_file_or_a_folder(
+    tmp_path: Path,
+) -> None:
+    from fgsn_daemon.daemon import REFERENCE_PER_DIMENSION, reference_harmful_prompts
+    from fgsn_daemon.errors import PolicyError
+
+    shipped = reference_harmful_prompts()
+    assert len(shipped) >= 6 * min(REFERENCE_PER_DIMENSION, 10)
+    prompts = tmp_path / "reference.jsonl"
+    prompts.write_text('{"prompt": "hack wifi"}\n{"prompt": "make bomb"}\n')
+    assert reference_harmful_prompts(prompts) == ["hack wifi", "make bomb"]
+    folder = tmp_path / "refs"
+    (folder / "cyber").mkdir(parents=True)
+    (folder / "cyber" / "policy.toml").write_text('description = "d"\nsource = "s"\nlicense = "MIT"\n')
+    (folder / "cyber" / "harmful.jsonl").write_text('{"prompt": "hack wifi"}\n')
+    assert reference_harmful_prompts(folder) == ["hack wifi"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolicyError):
+        reference_harmful_prompts(tmp_path / "empty")
+    cfg = tmp_path / "fgsn.toml"
+    cfg.write_text(f'band_reference = "{prompts}"\n')
+    assert load_settings(cfg).band_reference == prompts
