@@ -2,10 +2,11 @@
 settings, ``fgsn apply`` and the experiment harnesses all read them.
 
 - ``attribution`` (delta attribution; README "Efficacy"): single weight entries whose revert to the
-  aligned value most lowers the refusal loss, ranked over all layers, under a global budget of
-  0.02 % of the parameters. On the SmolLM2 trio's selection half the declared rule found no setting
-  within its over-refusal limit that lowered ASR (0.02 % missed it by one prompt in 72); 0.02 % is
-  the nearest, 0.1 % brings ASR to the aligned model's level at a large over-refusal cost.
+  aligned value most lowers the refusal loss, ranked over all layers by gain − 1 × the log-odds
+  contrast (how much reverting the entry makes benign prompts refused rather than answered), under
+  a global budget of 0.3 % of the parameters. Chosen on the SmolLM2 trio's selection half by the
+  declared rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points
+  of the fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5).
 - ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
   and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
 - ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
@@ -25,12 +26,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "p": 0.0,
         "spaces": ("mlp", "attn"),
         "allocation": "global",
-        "budget": 0.02,
+        "budget": 0.3,
         "unit": "entry",
         "scope": "all",
         "guard": None,
-        "contrast": 0.0,
-        "contrast_kind": "refusal",
+        "contrast": 1.0,
+        "contrast_kind": "odds",
         "steps": 1,
     },
     "activation": {

@@ -138,7 +138,13 @@ def test_apply_with_entry_units_restores_only_selected_entries(trio, tmp_path):
     from fgsn_daemon.engine import FGSNParams, apply_dimension
 
     params = FGSNParams(
-        scoring="attribution", operator="restore", unit="entry", allocation="global", budget=1.0, batch_size=4
+        scoring="attribution",
+        operator="restore",
+        unit="entry",
+        allocation="global",
+        budget=1.0,
+        batch_size=4,
+        contrast=0.0,  # the random trio's aligned model refuses nothing: no refusal to contrast
     )
     result = apply_dimension(
         trio["base"],
@@ -167,7 +173,9 @@ def test_apply_with_entry_units_restores_only_selected_entries(trio, tmp_path):
 def test_apply_with_a_global_budget_spends_at_most_the_budget_over_all_layers(trio, tmp_path):
     from fgsn_daemon.engine import FGSNParams, apply_dimension
 
-    params = FGSNParams(scoring="attribution", operator="restore", allocation="global", budget=5.0, p=0.0)
+    params = FGSNParams(
+        scoring="attribution", operator="restore", allocation="global", budget=5.0, p=0.0, contrast=0.0
+    )
     result = apply_dimension(
         trio["base"], trio["aligned"], trio["finetuned"], HARMFUL, BENIGN, None, params, device="cpu"
     )
@@ -226,7 +234,13 @@ def test_iterative_entry_selection_starts_with_the_one_shot_step_and_spends_the_
     from fgsn_daemon.errors import ConfigError
 
     params = FGSNParams(
-        scoring="attribution", operator="restore", unit="entry", budget=1.0, target_tokens=4, batch_size=4
+        scoring="attribution",
+        operator="restore",
+        unit="entry",
+        budget=1.0,
+        target_tokens=4,
+        batch_size=4,
+        contrast=0.0,
     )
     opened = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
     try:
@@ -269,7 +283,13 @@ def test_apply_with_iterative_entry_selection_reports_the_chosen_neurons(trio, t
     from fgsn_daemon.engine import FGSNParams, apply_dimension
 
     params = FGSNParams(
-        scoring="attribution", operator="restore", unit="entry", budget=1.0, steps=2, batch_size=4
+        scoring="attribution",
+        operator="restore",
+        unit="entry",
+        budget=1.0,
+        steps=2,
+        batch_size=4,
+        contrast=0.0,
     )
     result = apply_dimension(
         trio["base"],

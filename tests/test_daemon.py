@@ -51,6 +51,7 @@ def write_dimension(policy_dir: Path, name: str, prompts: list[str]) -> Path:
 ACTIVATION_PARAMS = 'preset = "activation"\n'
 ENTRY_PARAMS = (
     'scoring = "attribution"\noperator = "restore"\nunit = "entry"\nbudget = 2.0\ntarget_tokens = 4\n'
+    "contrast = 0\n"  # the random trio's aligned model refuses nothing: no refusal to contrast
 )
 
 

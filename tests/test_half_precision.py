@@ -28,6 +28,7 @@ HALF = [torch.bfloat16, torch.float16]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 ENTRY = {
     "scoring": "attribution",
+    "contrast": 0.0,  # the random trio's aligned model refuses nothing
     "operator": "restore",
     "unit": "entry",
     "budget": 2.0,

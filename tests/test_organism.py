@@ -7,6 +7,12 @@ Its 1.3 M parameters need a larger share than a real model, so the budget here i
 Measured on this organism's report split (README "Efficacy"): 21 % mean ASR for the default at
 5 %, 99 % for random entries (margin 78 points, paired 95 % interval [71, 85]); the old default
 (contrast / restore / q 10) left 91 %. This test evaluates the report split like the README.
+
+The default preset also ranks entries with a refusal contrast, which matters where the aligned model
+over-refuses (SmolLM2). This organism's aligned model never refuses a benign prompt, so the
+contrast only costs ASR here (62 % at 5 %, measured), but the contrasted ranking must still beat
+random entries clearly (margin 37 points, interval [28, …] measured): that checks the contrast path
+end to end on a model that really refuses.
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
     spec = trio_from_root(tiny_trio(variant="lora").root)
     preset = defaults.PRESETS["attribution"]
     setting = Setting(unit=preset["unit"], budget=5.0, scope=preset["scope"], p=preset["p"])
+    contrasted = Setting(
+        unit=preset["unit"],
+        budget=5.0,
+        scope=preset["scope"],
+        p=preset["p"],
+        contrast=preset["contrast"],
+        penalty=preset["contrast_kind"],
+    )
+    assert contrasted.contrast > 0  # the default preset uses the contrast
     cfg = StudyConfig(
         spec=spec,
         split="report",
-        settings=[setting],
+        settings=[setting, contrasted],
         random_seeds=(0, 1),
         controls=("contrast",),
         device="cpu",
@@ -47,3 +62,5 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
     assert default["share"] == pytest.approx(0.05, rel=0.01)
     randoms = [rows[n] for n in default["random"]]
     assert all(r["share"] == pytest.approx(default["share"]) for r in randoms)  # same budget
+    for m in rows[contrasted.name]["margin_vs_random"]:
+        assert m["margin"] >= 0.25 and m["low"] >= 0.15, m
