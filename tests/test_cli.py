@@ -47,6 +47,8 @@ def common(trio, harmful: Path, benign: Path, out: Path) -> list[str]:
         "10",
         "--device",
         "cpu",
+        "--contrast",  # the random trio's aligned model refuses nothing: no refusal to contrast
+        "0",
     ]
 
 
@@ -91,3 +93,12 @@ def test_errors_are_clear_and_write_nothing(setup, tmp_path, extra, bad_file, me
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_apply_default_contrast_without_aligned_refusals_is_a_clear_error(setup, tmp_path):
+    trio, harmful, benign = setup
+    args = common(trio, harmful, benign, tmp_path / "out")
+    proc = fgsn(*args[: args.index("--contrast")])  # the default preset's contrast
+    assert proc.returncode != 0
+    assert "refused none of the dimension's harmful prompts" in proc.stderr and "contrast = 0" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
