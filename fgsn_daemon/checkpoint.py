@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from fgsn_daemon.errors import CheckpointError, IncompatibleCheckpointsError
+from fgsn_daemon.faults import fault_point
 from fgsn_daemon.precision import round_to
 from fgsn_daemon.safetensors_io import (
     DTYPE_NAMES,
@@ -368,6 +369,7 @@ def write_checkpoint(
     earlier version (``reuse_from``, same layout) already holds are hard-linked instead.
     Returns the index written."""
     out_dir.mkdir(parents=True, exist_ok=False)
+    fault_point("staging_created")
     infos = {name: source.info(name) for name in source.names()}
     plan = plan_shards(infos, edit_group, max_shard_bytes)
     n = len(plan.shards)
@@ -397,6 +399,7 @@ def write_checkpoint(
             same_layout = {k for k, v in previous_map.items() if v == fname} == set(names)
             if same_layout and (reuse_from / fname).is_file():
                 os.link(reuse_from / fname, out_dir / fname)
+                fault_point("shard_linked")
                 total += sum(infos[nm].nbytes for nm in names)
                 continue
         planned = [PlannedTensor(nm, infos[nm], producer(nm)) for nm in names]
@@ -410,6 +413,7 @@ def write_checkpoint(
         "weight_map": weight_map,
     }
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    fault_point("index_written")
     copied: set[str] = set()
     for aux_dir in aux_dirs:
         for fname in AUX_FILES:
@@ -418,6 +422,7 @@ def write_checkpoint(
                 shutil.copyfile(src, out_dir / fname)
                 copied.add(fname)
     fsync_dir(out_dir)
+    fault_point("staging_complete")
     return index
 
 

@@ -37,6 +37,7 @@ from fgsn_daemon.continual import assign_claims, neurons_by_unit
 from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
 from fgsn_daemon.entry_masks import load_masks, save_masks, union
 from fgsn_daemon.errors import FGSNError, PolicyError
+from fgsn_daemon.faults import fault_point
 from fgsn_daemon.integrity import REPAIRABLE, damaged_files
 from fgsn_daemon.localisation import Selection, choose_band, parse_scoring
 from fgsn_daemon.policy import (
@@ -57,13 +58,6 @@ from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
 LOG = logging.getLogger("fgsn.daemon")
 LOCK_NAME = "daemon.lock"
 REFERENCE_PER_DIMENSION = 40  # harmful prompts per bundled dimension used to find the band
-
-
-def fault_point(name: str) -> None:
-    """Crash-test hook: ``FGSN_FAULT=<name>`` makes the process SIGKILL itself here, exactly as an
-    outside ``kill -9`` would, so the tests can hit every step of a job deterministically."""
-    if os.environ.get("FGSN_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DaemonLockedError(FGSNError):
@@ -249,11 +243,13 @@ class Daemon:
         reg, store = self.open_registry(), self.versions
         assert store is not None
         removed = store.clean_staging()
+        fault_point("recover_staging_cleaned")
         known = {Path(v.path).name for v in reg.versions(self.lineage_id)}
         for name in store.names():
             if name not in known:
                 store.remove(name)
                 removed.append(name)
+        fault_point("recover_orphans_removed")
         requeued = []
         with reg.transaction() as tx:
             for job in tx.jobs(self.lineage_id, unfinished_only=True):
@@ -266,6 +262,7 @@ class Daemon:
                     lineage_id=self.lineage_id,
                     details={"removed": removed, "requeued_jobs": requeued},
                 )
+        fault_point("recover_jobs_requeued")
         current = reg.current_version(self.lineage_id)
         if current is not None and store.current() != Path(current.path).name:
             store.publish(Path(current.path).name)
@@ -448,6 +445,7 @@ class Daemon:
                     dimension_id=tx.ensure_dimension(self.lineage_id, name),
                     revision_id=rev,
                 )
+            fault_point("scan_revision_recorded")
             LOG.info("dimension %s: new revision queued", name)
             queued.append(name)
         return queued
@@ -534,6 +532,7 @@ class Daemon:
         with reg.transaction() as tx:
             if not tx.transition_job(job_id, JobState.PENDING, JobState.SCORING):
                 return
+        fault_point("job_scoring_started")
         job = reg.job(job_id)
         assert job.revision_id is not None
         rev = reg.revision(job.revision_id)
@@ -561,6 +560,7 @@ class Daemon:
         with reg.transaction() as tx:
             tx.record_revision_result(rev.id, result)
             tx.transition_job(job_id, JobState.SCORING, JobState.EDITING)
+        fault_point("job_result_recorded")
         # a changed dimension replaces its applied revision in the same version
         replaced = [
             r.id
@@ -716,6 +716,7 @@ class Daemon:
                 and tx.transition_job(job_id, JobState.SCORING, JobState.EDITING)
             ):
                 return
+        fault_point("rollback_started")
         job = reg.job(job_id)
         name = (job.details or {}).get("dimension") or job.dimension
         try:
@@ -770,8 +771,10 @@ class Daemon:
             )
             if finish is not None:
                 finish(tx, version_id)
+            fault_point("claims_synced_uncommitted")
         fault_point("after_commit")
         store.publish(name)
+        fault_point("after_publish")
         return name
 
     @property

@@ -213,8 +213,18 @@ def rollback(
                 typer.echo(f"rolled back {dimension}")
                 return
             daemon.start()
-            with daemon.open_registry().transaction() as tx:
-                job = tx.create_job(daemon.lineage_id, JobKind.ROLLBACK, details={"dimension": dimension})
+            # a rollback of this dimension interrupted earlier (requeued by start) is resumed, not doubled
+            reg = daemon.open_registry()
+            waiting = [
+                j.id
+                for j in reg.jobs(daemon.lineage_id, unfinished_only=True)
+                if j.kind == JobKind.ROLLBACK and (j.details or {}).get("dimension") == dimension
+            ]
+            if waiting:
+                job = waiting[0]
+            else:
+                with reg.transaction() as tx:
+                    job = tx.create_job(daemon.lineage_id, JobKind.ROLLBACK, details={"dimension": dimension})
             daemon.run_rollback(job)
             info = daemon.open_registry().job(job)
             if info.state != JobState.DONE:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import torch
 
 from fgsn_daemon.errors import CheckpointError
+from fgsn_daemon.faults import fault_point
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -210,14 +211,18 @@ def write_shard(path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for t in planned:
+        for i, t in enumerate(planned):
             before = f.tell()
             t.produce(f)
             if f.tell() - before != t.info.nbytes:
                 raise RuntimeError(
                     f"producer for {t.name} wrote {f.tell() - before} bytes, not {t.info.nbytes}"
                 )
+            if i == 0:
+                f.flush()
+                fault_point("shard_half_written")
         f.flush()
+        fault_point("shard_written_unsynced")
         os.fsync(f.fileno())
     return offset
 

@@ -30,6 +30,7 @@ from fgsn_daemon.engine import (
     write_entry_restored_checkpoint,
 )
 from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.faults import fault_point
 from fgsn_daemon.integrity import (
     FileEntry,
     Problem,
@@ -140,7 +141,9 @@ class VersionStore:
         reuse = self.path(parent) if parent else None
         outcome = inputs.write(staging, reuse)
         write_manifest(staging, parent=reuse)  # inside staging: a published version always has one
+        fault_point("manifest_written")
         os.rename(staging, self.path(name))
+        fault_point("version_renamed")
         fsync_dir(self.root)
         return outcome
 
@@ -224,7 +227,9 @@ class VersionStore:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(Path("versions") / name, tmp)
+        fault_point("publish_link_staged")
         os.replace(tmp, self.current_link)
+        fault_point("publish_swapped")
         fsync_dir(self.state_dir)
 
     def clean_staging(self) -> list[str]:

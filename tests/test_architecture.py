@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fgsn_daemon"
 
 LAYERS: dict[str, set[str]] = {
-    "core": {"errors", "records", "defaults", "prompts", "policy", "stats", "precision"},
+    "core": {"errors", "faults", "records", "defaults", "prompts", "policy", "stats", "precision"},
     "engine": {
         "activations",
         "architectures",
@@ -30,7 +30,7 @@ LAYERS: dict[str, set[str]] = {
         "refusal",
         "safetensors_io",
     },
-    "service": {"daemon", "integrity", "registry", "settings", "versions", "migrations"},
+    "service": {"daemon", "integrity", "registry", "reliability", "settings", "versions", "migrations"},
     "lab": {
         "baselines",
         "demo",
