@@ -8,6 +8,7 @@ rewrite only those and hard-link the rest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
-from fgsn_daemon.errors import CheckpointError, IncompatibleCheckpointsError
+from fgsn_daemon.errors import CheckpointError, DiskSpaceError, IncompatibleCheckpointsError
 from fgsn_daemon.faults import fault_point
 from fgsn_daemon.precision import round_to
 from fgsn_daemon.safetensors_io import (
@@ -366,10 +367,9 @@ def write_checkpoint(
 ) -> dict[str, Any]:
     """Write ``source`` to ``out_dir`` with ``edited`` tensors replaced (computed lazily, one at a
     time). Untouched tensors are copied byte for byte; shards outside the edit group that an
-    earlier version (``reuse_from``, same layout) already holds are hard-linked instead.
+    earlier version (``reuse_from``, same layout) already holds are hard-linked instead. Refuses
+    to start, and turns ENOSPC into, a ``DiskSpaceError`` naming the bytes needed.
     Returns the index written."""
-    out_dir.mkdir(parents=True, exist_ok=False)
-    fault_point("staging_created")
     infos = {name: source.info(name) for name in source.names()}
     plan = plan_shards(infos, edit_group, max_shard_bytes)
     n = len(plan.shards)
@@ -378,6 +378,26 @@ def write_checkpoint(
     previous_map: dict[str, str] = {}
     if reuse_from is not None and (reuse_from / INDEX_NAME).exists():
         previous_map = _read_json(reuse_from / INDEX_NAME, "safetensors index").get("weight_map", {})
+    linked = {
+        i
+        for i, names in enumerate(plan.shards)
+        if reuse_from is not None
+        and i not in plan.edit_shards
+        and not set(names) & set(edited)
+        and {k for k, v in previous_map.items() if v == shard_filename(i, n)} == set(names)
+        and (reuse_from / shard_filename(i, n)).is_file()
+    }
+    aux = _aux_sources(aux_dirs)
+    written = [names for i, names in enumerate(plan.shards) if i not in linked]
+    needed = (
+        sum(infos[nm].nbytes + ENTRY_OVERHEAD_BYTES for names in written for nm in names)
+        + ENTRY_OVERHEAD_BYTES * len(infos)  # the index
+        + sum(p.stat().st_size for p in aux.values())
+        + FILE_OVERHEAD_BYTES * (len(written) + len(aux) + 2)  # + index and manifest
+    )
+    ensure_free_space(out_dir.parent, needed)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    fault_point("staging_created")
 
     def producer(name: str) -> Callable[[BinaryIO], None]:
         if name in edited:
@@ -392,38 +412,70 @@ def write_checkpoint(
             return produce_edited
         return lambda f: source.copy_raw(name, f)
 
-    for i, names in enumerate(plan.shards):
-        fname = shard_filename(i, n)
-        weight_map.update(dict.fromkeys(names, fname))
-        if reuse_from is not None and i not in plan.edit_shards and not set(names) & set(edited):
-            same_layout = {k for k, v in previous_map.items() if v == fname} == set(names)
-            if same_layout and (reuse_from / fname).is_file():
+    try:
+        for i, names in enumerate(plan.shards):
+            fname = shard_filename(i, n)
+            weight_map.update(dict.fromkeys(names, fname))
+            if i in linked:
+                assert reuse_from is not None
                 os.link(reuse_from / fname, out_dir / fname)
                 fault_point("shard_linked")
                 total += sum(infos[nm].nbytes for nm in names)
                 continue
-        planned = [PlannedTensor(nm, infos[nm], producer(nm)) for nm in names]
-        total += write_shard(out_dir / fname, planned, {"format": "pt"})
-    index = {
-        "metadata": {
-            "total_size": total,
-            "fgsn_edit_shards": [shard_filename(i, n) for i in sorted(plan.edit_shards)],
-            **(metadata or {}),
-        },
-        "weight_map": weight_map,
-    }
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    fault_point("index_written")
-    copied: set[str] = set()
+            planned = [PlannedTensor(nm, infos[nm], producer(nm)) for nm in names]
+            total += write_shard(out_dir / fname, planned, {"format": "pt"})
+        index = {
+            "metadata": {
+                "total_size": total,
+                "fgsn_edit_shards": [shard_filename(i, n) for i in sorted(plan.edit_shards)],
+                **(metadata or {}),
+            },
+            "weight_map": weight_map,
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        fault_point("index_written")
+        for fname, src in aux.items():
+            shutil.copyfile(src, out_dir / fname)
+        fsync_dir(out_dir)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(out_dir.parent).free
+        raise DiskSpaceError(
+            f"no space left on device while writing {out_dir.name} in {out_dir.parent}: the write "
+            f"needs about {needed} bytes, {free} are free",
+            needed,
+            free,
+        ) from None
+    fault_point("staging_complete")
+    return index
+
+
+ENTRY_OVERHEAD_BYTES = 256  # a tensor's share of a shard header or of the index (generous)
+FILE_OVERHEAD_BYTES = 4096  # a file's last, partly filled block
+
+
+def _aux_sources(aux_dirs: Sequence[Path]) -> dict[str, Path]:
+    """Config and tokenizer files to copy: the first of ``aux_dirs`` holding each wins."""
+    out: dict[str, Path] = {}
     for aux_dir in aux_dirs:
         for fname in AUX_FILES:
             src = aux_dir / fname
-            if fname not in copied and src.is_file() and not src.is_symlink():
-                shutil.copyfile(src, out_dir / fname)
-                copied.add(fname)
-    fsync_dir(out_dir)
-    fault_point("staging_complete")
-    return index
+            if fname not in out and src.is_file() and not src.is_symlink():
+                out[fname] = src
+    return out
+
+
+def ensure_free_space(folder: Path, needed: int) -> None:
+    """Refuse a write before it starts when ``folder``'s file system has less than ``needed`` bytes."""
+    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"not enough free space: {needed} bytes needed, {free} free, to write a checkpoint in "
+            f"{folder} (free {needed - free} bytes or more)",
+            needed,
+            free,
+        )
 
 
 SAMPLED_BLOCKS = 64

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -36,7 +37,7 @@ from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES, folder_fingerprint
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
 from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
 from fgsn_daemon.entry_masks import load_masks, save_masks, union
-from fgsn_daemon.errors import FGSNError, PolicyError
+from fgsn_daemon.errors import DiskSpaceError, FGSNError, PolicyError
 from fgsn_daemon.faults import fault_point
 from fgsn_daemon.integrity import REPAIRABLE, damaged_files
 from fgsn_daemon.localisation import Selection, choose_band, parse_scoring
@@ -49,14 +50,16 @@ from fgsn_daemon.policy import (
 )
 from fgsn_daemon.prompts import load_prompts
 from fgsn_daemon.records import ApplyResult, Band, NeuronId, SkippedNeuron
-from fgsn_daemon.registry import Registry
+from fgsn_daemon.registry import Registry, is_unavailable
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
-from fgsn_daemon.registry.store import VersionInfo
+from fgsn_daemon.registry.store import JobInfo, VersionInfo
 from fgsn_daemon.settings import Settings
 from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
 
 LOG = logging.getLogger("fgsn.daemon")
 LOCK_NAME = "daemon.lock"
+MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # waiting for an unreachable registry
+WAITING_FOR_SPACE = "job.waiting_for_space"  # event: a job failed with DiskSpaceError
 REFERENCE_PER_DIMENSION = 40  # harmful prompts per bundled dimension used to find the band
 
 
@@ -143,6 +146,9 @@ class Daemon:
     band: Band | None = None
     _lock_fd: int | None = None
     _reported: set[str] = field(default_factory=set)
+    _outage_since: float | None = None  # monotonic time the registry became unreachable
+    _backoff_s: float = 0.0
+    _retry_at: float = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -476,21 +482,101 @@ class Daemon:
             if not self.models_available():
                 break
             try:
-                if job.kind == JobKind.APPLY:
-                    self.run_apply(job.id)
-                else:
-                    self.run_rollback(job.id)
+                self.run_job(job)
                 done += 1
             except StopRequested:
                 LOG.info("stopping: job %s will resume at the next start", job.id)
                 break
-            except FGSNError as exc:  # never leave a job to be retried forever on every tick
-                state = reg.job(job.id).state
-                if state not in (JobState.DONE, JobState.FAILED, JobState.DISCARDED):
-                    self._fail_job(
-                        job.id, state, job.revision_id if job.kind == JobKind.APPLY else None, str(exc)
-                    )
         return done
+
+    def run_job(self, job: JobInfo) -> None:
+        """Run one job. An FGSNError fails it with the error recorded (never retried on every
+        tick); a lack of disk space also records what it needed, for ``retry_after_space``."""
+        reg = self.open_registry()
+        try:
+            if job.kind == JobKind.APPLY:
+                self.run_apply(job.id)
+            else:
+                self.run_rollback(job.id)
+        except FGSNError as exc:
+            state = reg.job(job.id).state
+            if state in (JobState.DONE, JobState.FAILED, JobState.DISCARDED):
+                return
+            space = isinstance(exc, DiskSpaceError)
+            message = str(exc) + ("; the job is retried once enough space is free" if space else "")
+            self._fail_job(job.id, state, job.revision_id if job.kind == JobKind.APPLY else None, message)
+            if isinstance(exc, DiskSpaceError):
+                with reg.transaction() as tx:
+                    tx.append_event(
+                        WAITING_FOR_SPACE,
+                        lineage_id=self.lineage_id,
+                        dimension_name=job.dimension,
+                        revision_id=job.revision_id,
+                        job_id=job.id,
+                        details={"needed": exc.needed, "free": exc.free},
+                    )
+
+    def retry_after_space(self) -> list[int]:
+        """New jobs for the jobs that failed for lack of disk space, once the state folder's file
+        system has the bytes they needed (or, when that was unknown, more than it had then). An
+        apply is retried only while its revision is still the dimension's latest."""
+        reg, store = self.open_registry(), self.versions
+        assert store is not None
+        waiting = [e for e in reg.events(lineage_id=self.lineage_id) if e.kind == WAITING_FOR_SPACE]
+        if not waiting:
+            return []
+        jobs = reg.jobs(self.lineage_id)
+        free = shutil.disk_usage(store.root).free
+        retried = []
+        for event in waiting:
+            assert event.job_id is not None
+            failed = reg.job(event.job_id)
+            target = (
+                failed.revision_id
+                if failed.kind == JobKind.APPLY
+                else (failed.details or {}).get("dimension")
+            )
+            if failed.state != JobState.FAILED or any(
+                j.id > failed.id
+                and j.kind == failed.kind
+                and target
+                == (j.revision_id if j.kind == JobKind.APPLY else (j.details or {}).get("dimension"))
+                for j in jobs
+            ):
+                continue  # already retried
+            details = event.details or {}
+            needed = details.get("needed")
+            if (free < needed) if needed is not None else (free <= details.get("free", 0)):
+                continue
+            with reg.transaction() as tx:
+                if failed.kind == JobKind.APPLY:
+                    assert failed.revision_id is not None
+                    rev = tx.revision(failed.revision_id)
+                    latest = tx.dimension(self.lineage_id, rev.dimension)
+                    if latest is None or latest.revisions[-1].id != rev.id:
+                        continue
+                    if not tx.set_revision_status(
+                        rev.id, RevisionStatus.PENDING, expected=RevisionStatus.FAILED
+                    ):
+                        continue
+                    job_id = tx.create_job(self.lineage_id, JobKind.APPLY, revision_id=rev.id)
+                else:
+                    job_id = tx.create_job(self.lineage_id, JobKind.ROLLBACK, details=failed.details)
+                tx.append_event(
+                    "job.retried",
+                    lineage_id=self.lineage_id,
+                    dimension_name=failed.dimension,
+                    job_id=job_id,
+                    details={"after": failed.id, "reason": f"disk space freed ({free} bytes free)"},
+                )
+            LOG.info(
+                "job %s failed for lack of space; %d bytes are free now: retried as job %s",
+                failed.id,
+                free,
+                job_id,
+            )
+            retried.append(job_id)
+        return retried
 
     def models_available(self) -> bool:
         s = self.settings
@@ -832,22 +918,73 @@ class Daemon:
     # ------------------------------------------------------------------ loops
 
     def tick(self) -> None:
-        """One scan + drain; exceptions are logged and recorded, never fatal to the service."""
+        """One scan + drain; exceptions are logged and recorded, never fatal to the service. When
+        the registry is unreachable (server down, connection lost, SQLite locked) the tick backs
+        off; the first tick that reaches it again runs start-up recovery before anything else, so
+        a job cut off mid-way is redone and a version built but never recorded is deleted — a
+        version is published only after the registry has committed it."""
+        if time.monotonic() < self._retry_at:
+            return
         try:
+            if self._outage_since is not None:
+                self._registry_back()
             reg = self.open_registry()
             with reg.transaction() as tx:
                 tx.heartbeat(os.getpid(), socket.gethostname())
             self.scan()
+            self.retry_after_space()
             self.drain()
         except StopRequested:
             pass
-        except FGSNError as exc:
-            self._report_once(f"tick:{exc}", "daemon.error", None, str(exc))
-        except Exception as exc:  # a bug must not kill a long-running service; it is recorded
-            LOG.exception("unexpected error in the daemon loop")
-            self._report_once(
-                f"tick:{type(exc).__name__}:{exc}", "daemon.error", None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            if is_unavailable(exc):
+                self._registry_lost(exc)
+                return
+            try:
+                if isinstance(exc, FGSNError):
+                    self._report_once(f"tick:{exc}", "daemon.error", None, str(exc))
+                else:  # a bug must not kill a long-running service; it is recorded
+                    LOG.exception("unexpected error in the daemon loop")
+                    self._report_once(
+                        f"tick:{type(exc).__name__}:{exc}",
+                        "daemon.error",
+                        None,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+            except Exception as again:
+                if not is_unavailable(again):
+                    raise
+                self._registry_lost(again)
+
+    @property
+    def registry_unreachable(self) -> bool:
+        return self._outage_since is not None
+
+    def _registry_lost(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since, self._backoff_s = now, 0.0
+        self._backoff_s = min(MAX_BACKOFF_S, max(MIN_BACKOFF_S, 2 * self._backoff_s))
+        self._retry_at = now + self._backoff_s
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        LOG.error(
+            "registry unreachable (%s): nothing is published meanwhile; retrying in %.0f s",
+            first_line[:300],
+            self._backoff_s,
+        )
+
+    def _registry_back(self) -> None:
+        assert self._outage_since is not None
+        self.recover()
+        seconds = time.monotonic() - self._outage_since
+        with self.open_registry().transaction() as tx:
+            tx.append_event(
+                "daemon.registry_reconnected",
+                lineage_id=self.lineage_id,
+                details={"outage_s": round(seconds, 1)},
             )
+        LOG.warning("registry reachable again after %.0f s; recovered as after a restart", seconds)
+        self._outage_since, self._backoff_s, self._retry_at = None, 0.0, 0.0
 
     def run_once(self) -> None:
         self.tick()

@@ -111,6 +111,7 @@ def run(
 ) -> None:
     """Run the daemon: watch the policy folder and apply new dimensions continually."""
     from fgsn_daemon.daemon import Daemon
+    from fgsn_daemon.registry import is_unavailable
 
     setup_logging(json_logs)
     try:
@@ -133,6 +134,8 @@ def run(
             LOG.info("daemon ready (pid lock held on %s)", settings.state_dir)
             if once:
                 daemon.run_once()
+                if daemon.registry_unreachable:
+                    _fail("the registry became unreachable; pending jobs resume at the next run")
             else:
                 daemon.run_forever()
         finally:
@@ -140,6 +143,12 @@ def run(
     except FGSNError as exc:
         LOG.error(str(exc))
         _fail(str(exc))
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        message = f"the registry is unreachable at start-up: {str(exc).strip().splitlines()[0]}"
+        LOG.error(message)
+        _fail(message)
 
 
 def rollback(
@@ -225,7 +234,7 @@ def rollback(
             else:
                 with reg.transaction() as tx:
                     job = tx.create_job(daemon.lineage_id, JobKind.ROLLBACK, details={"dimension": dimension})
-            daemon.run_rollback(job)
+            daemon.run_job(reg.job(job))
             info = daemon.open_registry().job(job)
             if info.state != JobState.DONE:
                 _fail(info.error or f"rollback job ended {info.state}")

@@ -9,6 +9,15 @@ class CheckpointError(FGSNError):
     """A model folder is missing, unreadable, unsafe (pickle) or malformed."""
 
 
+class DiskSpaceError(CheckpointError):
+    """Not enough free space to write a checkpoint (found before writing, or ENOSPC while writing).
+    ``needed`` is the bytes the write needs (None when unknown), ``free`` what the disk had."""
+
+    def __init__(self, message: str, needed: int | None, free: int) -> None:
+        super().__init__(message)
+        self.needed, self.free = needed, free
+
+
 class IncompatibleCheckpointsError(CheckpointError):
     """Base, aligned and fine-tuned checkpoints do not share architecture or shapes."""
 

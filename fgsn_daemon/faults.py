@@ -1,6 +1,8 @@
 """Named crash points: ``FGSN_FAULT=<point>`` (or ``<point>@<n>`` for its n-th pass) makes the
 process SIGKILL itself there, exactly as an outside ``kill -9`` would, so tests can stop a job at
 every step between its first registry write and the ``current`` swap deterministically.
+``FGSN_PAUSE=<point>[@<n>]:<seconds>`` sleeps there instead, so a test can take a resource away
+(stop the database) at a known step of a running job.
 
 Every point is declared here with what is true of the disk and the registry when it fires; a call
 with an undeclared name is a programming error, and ``tests/test_faults.py`` kills the daemon at
@@ -11,8 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 FAULT_ENV = "FGSN_FAULT"
+PAUSE_ENV = "FGSN_PAUSE"
 
 POINTS: dict[str, str] = {
     # start-up recovery (runs on every start)
@@ -46,26 +50,35 @@ POINTS: dict[str, str] = {
 }
 
 
-_passes: dict[str, int] = {}
+_passes: dict[tuple[str, str], int] = {}
 
 
-def _armed() -> tuple[str, int] | None:
-    spec = os.environ.get(FAULT_ENV)
+def _armed(env: str) -> tuple[str, int, float] | None:
+    spec = os.environ.get(env)
     if not spec:
         return None
+    spec, _, seconds = spec.partition(":") if env == PAUSE_ENV else (spec, "", "0")
     name, _, nth = spec.partition("@")
-    return name, int(nth) if nth else 1
+    return name, int(nth) if nth else 1, float(seconds or 0)
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process here when ``FGSN_FAULT`` names this point (on its n-th pass)."""
+    """SIGKILL this process here when ``FGSN_FAULT`` names this point (on its n-th pass), or sleep
+    when ``FGSN_PAUSE`` does."""
     if name not in POINTS:
         raise ValueError(f"undeclared fault point {name!r}")
-    armed = _armed()
-    if armed is None or armed[0] != name:
-        return
-    _passes[name] = _passes.get(name, 0) + 1
-    if _passes[name] == armed[1]:
-        sys.stderr.write(f"fgsn fault point {name} reached: SIGKILL\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+    for env in (FAULT_ENV, PAUSE_ENV):
+        armed = _armed(env)
+        if armed is None or armed[0] != name:
+            continue
+        _passes[env, name] = _passes.get((env, name), 0) + 1
+        if _passes[env, name] != armed[1]:
+            continue
+        if env == PAUSE_ENV:
+            sys.stderr.write(f"fgsn pause point {name} reached: sleeping {armed[2]:g} s\n")
+            sys.stderr.flush()
+            time.sleep(armed[2])
+        else:
+            sys.stderr.write(f"fgsn fault point {name} reached: SIGKILL\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

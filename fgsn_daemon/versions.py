@@ -14,6 +14,7 @@ sha256 manifest of its files (see ``integrity``); a damaged file is rebuilt from
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from fgsn_daemon.engine import (
     write_edited_checkpoint,
     write_entry_restored_checkpoint,
 )
-from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.errors import DiskSpaceError, FGSNError
 from fgsn_daemon.faults import fault_point
 from fgsn_daemon.integrity import (
     FileEntry,
@@ -139,9 +140,21 @@ class VersionStore:
             raise ValueError(f"bad version name {name!r}")
         staging = self._fresh_staging(name)
         reuse = self.path(parent) if parent else None
-        outcome = inputs.write(staging, reuse)
-        write_manifest(staging, parent=reuse)  # inside staging: a published version always has one
-        fault_point("manifest_written")
+        try:
+            outcome = inputs.write(staging, reuse)
+            write_manifest(staging, parent=reuse)  # inside staging: a published version always has one
+            fault_point("manifest_written")
+        except BaseException as exc:  # a failed build leaves nothing behind (a crash: recovery does)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                free = shutil.disk_usage(self.root).free
+                raise DiskSpaceError(
+                    f"no space left on device while writing version {name} in {self.root} "
+                    f"({free} bytes free)",
+                    None,
+                    free,
+                ) from None
+            raise
         os.rename(staging, self.path(name))
         fault_point("version_renamed")
         fsync_dir(self.root)

@@ -1,6 +1,12 @@
 """The persistent frozen-neuron registry: models, engines and migrations, and the store API."""
 
-from fgsn_daemon.registry.db import current_revision, head_revision, make_engine, upgrade_to_head
+from fgsn_daemon.registry.db import (
+    current_revision,
+    head_revision,
+    is_unavailable,
+    make_engine,
+    upgrade_to_head,
+)
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
 from fgsn_daemon.registry.store import (
     JOB_TRANSITIONS,
@@ -48,6 +54,7 @@ __all__ = [
     "VersionInfo",
     "current_revision",
     "head_revision",
+    "is_unavailable",
     "make_engine",
     "upgrade_to_head",
 ]

@@ -49,6 +49,16 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(parsed.database)
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """A registry error that waiting cures: the server went away or restarted, a connection was
+    dropped, or SQLite stayed locked past its busy timeout."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    )
+
+
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """An engine for the registry; writers must use :func:`write_engine` for their transactions."""
     parsed = make_url(url)
