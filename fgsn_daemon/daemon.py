@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -52,15 +53,21 @@ from fgsn_daemon.prompts import load_prompts
 from fgsn_daemon.records import ApplyResult, Band, NeuronId, SkippedNeuron
 from fgsn_daemon.registry import Registry, is_unavailable
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
-from fgsn_daemon.registry.store import JobInfo, VersionInfo
-from fgsn_daemon.settings import Settings
+from fgsn_daemon.registry.store import JobInfo, LineageInfo, VersionInfo
+from fgsn_daemon.safetensors_io import fsync_dir
+from fgsn_daemon.settings import Settings, mask_database_url
 from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
 
 LOG = logging.getLogger("fgsn.daemon")
 LOCK_NAME = "daemon.lock"
 MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # waiting for an unreachable registry
+LINEAGE_MARKER = "LINEAGE.json"  # in lineage-N/: the registry lineage the folder was made for
 WAITING_FOR_SPACE = "job.waiting_for_space"  # event: a job failed with DiskSpaceError
 REFERENCE_PER_DIMENSION = 40  # harmful prompts per bundled dimension used to find the band
+
+
+class StateMismatchError(FGSNError):
+    """The registry and the state folder were not written together."""
 
 
 class DaemonLockedError(FGSNError):
@@ -188,15 +195,78 @@ class Daemon:
         if s.base is None or s.aligned is None or s.finetuned is None:
             raise FGSNError("the base, aligned and finetuned model paths must all be configured")
         if self.trio is None:
-            self.trio = ModelTrio.open(s.base, s.aligned, s.finetuned)
+            trio = ModelTrio.open(s.base, s.aligned, s.finetuned)
             reg = self.open_registry()
+            fingerprints = (
+                folder_fingerprint(s.base),
+                folder_fingerprint(s.aligned),
+                folder_fingerprint(s.finetuned),
+            )
+            self.check_registry_matches_state_folder()  # before anything is written to either
             with reg.transaction() as tx:
-                self.lineage_id = tx.ensure_lineage(
-                    folder_fingerprint(s.base), folder_fingerprint(s.aligned), folder_fingerprint(s.finetuned)
-                )
+                self.lineage_id = tx.ensure_lineage(*fingerprints)
             self.versions = VersionStore(self.state_dir / f"lineage-{self.lineage_id}")
+            self._write_lineage_marker()
             self._point_top_level_link()
+            self.trio = trio
         return self.trio
+
+    def _lineage_record(self, lineage: LineageInfo) -> dict[str, Any]:
+        return {
+            "lineage_id": lineage.id,
+            "created_at": lineage.created_at.isoformat(),
+            "base": lineage.base_fingerprint,
+            "aligned": lineage.aligned_fingerprint,
+            "finetuned": lineage.finetuned_fingerprint,
+        }
+
+    def check_registry_matches_state_folder(self) -> None:
+        """Refuse a registry that is not the one this state folder was written with: one that
+        records versions in another state folder, or one whose lineages differ from those the
+        state folder's lineage folders were made for (e.g. a new, empty database). Starting on it
+        would delete versions it does not know as crash leftovers."""
+        reg = self.open_registry()
+        here = self.state_dir.resolve()
+        url = mask_database_url(self.settings.database_url_value())
+        lineages = {lin.id: lin for lin in reg.lineages()}
+        for lin in lineages.values():
+            for v in reg.versions(lin.id):
+                if not Path(v.path).resolve().is_relative_to(here):
+                    raise StateMismatchError(
+                        f"the registry at {url} records versions in another state folder ({v.path}), "
+                        f"not in {self.state_dir}: point state_dir at that folder or use another database"
+                    )
+        for marker in sorted(self.state_dir.glob(f"lineage-*/{LINEAGE_MARKER}")):
+            try:
+                recorded = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StateMismatchError(
+                    f"{marker} is unreadable ({exc}); restore it from a backup"
+                ) from None
+            lin = lineages.get(recorded.get("lineage_id"))
+            if lin is None or self._lineage_record(lin) != recorded:
+                raise StateMismatchError(
+                    f"{marker.parent} was written with another registry (lineage "
+                    f"{recorded.get('lineage_id')} created {recorded.get('created_at')}); "
+                    f"the registry at {url} "
+                    + ("has no such lineage" if lin is None else "holds a different lineage under that id")
+                    + ": point database_url at the registry this state folder was written with, or use a "
+                    "new state folder"
+                )
+
+    def _write_lineage_marker(self) -> None:
+        """Tie ``lineage-N/`` to the registry's lineage N (see ``check_registry_matches_state_folder``)."""
+        marker = self.state_dir / f"lineage-{self.lineage_id}" / LINEAGE_MARKER
+        if marker.exists():
+            return
+        lin = next(x for x in self.open_registry().lineages() if x.id == self.lineage_id)
+        tmp = marker.with_name(f".{LINEAGE_MARKER}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self._lineage_record(lin), indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        fsync_dir(marker.parent)
 
     def _point_top_level_link(self) -> None:
         link, target = self.state_dir / "current", Path(f"lineage-{self.lineage_id}") / "current"

@@ -198,3 +198,37 @@ def test_sqlite_long_reader_and_a_write_lock_past_the_busy_timeout(tmp_path, tri
     with Registry.open(url, read_only=True) as reg:
         kinds = [e.kind for e in reg.events(lineage_id=reg.default_lineage_id())]
     assert "daemon.registry_reconnected" in kinds
+
+
+def test_a_registry_from_another_state_folder_or_lineage_is_refused(tmp_path, trio_and_expected):
+    trio, _ = trio_and_expected
+    policy = tmp_path / "policies"
+    policy.mkdir()
+    write_dimension(policy, "a_cyber", PROMPTS)
+    cfg = write_config(tmp_path, trio, policy, tmp_path / "state")
+    assert fgsn("run", "--once", "--config", str(cfg)).returncode == 0
+    state = tmp_path / "state"
+    kept = version_folders(state)
+    marker = (state / "lineage-1" / "LINEAGE.json").read_text()
+
+    # A new, empty database with the old state folder: starting would delete its versions.
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    refused = fgsn("run", "--once", "--config", str(cfg), "--database-url", fresh)
+    assert refused.returncode == 2
+    assert "was written with another registry" in refused.stderr and "has no such lineage" in refused.stderr
+    assert version_folders(state) == kept
+    with Registry.open(fresh, read_only=True) as reg:
+        assert reg.lineages() == []  # refused before anything was written
+
+    # The state folder's own registry, used with another state folder.
+    other = write_config(
+        tmp_path, trio, policy, tmp_path / "other-state", f"sqlite:///{state / 'registry.db'}"
+    )
+    refused = fgsn("run", "--once", "--config", str(other))
+    assert refused.returncode == 2 and "records versions in another state folder" in refused.stderr
+
+    # The right pair still starts, and the marker is unchanged.
+    again = fgsn("run", "--once", "--config", str(cfg))
+    assert again.returncode == 0, again.stderr
+    assert (state / "lineage-1" / "LINEAGE.json").read_text() == marker
+    assert version_folders(state) == kept
