@@ -802,6 +802,7 @@ class Daemon:
                 selection = loc.select(scores, q, p, frozen)
         finally:
             loc.params = params
+        self._warn_truncated(dim.name, revision_id, harmful, loc)
         trio = self.open_models()
         from fgsn_daemon.engine import count_entry_modification, count_modification
 
@@ -843,6 +844,27 @@ class Daemon:
             entry_masks=masks_digest,
             entries=entries,
         )
+
+    def _warn_truncated(self, name: str, revision_id: int, prompts: Sequence[str], loc: Localiser) -> None:
+        """Prompts longer than ``max_length`` tokens are scored on their first ``max_length``
+        tokens: said once per revision, in the log and the history, rather than failing."""
+        if loc.tokenizer is None:
+            return
+        limit = loc.params.max_length
+        lengths = [len(ids) for ids in loc.tokenizer(list(prompts))["input_ids"]]
+        cut = sum(n > limit for n in lengths)
+        if not cut:
+            return
+        message = f"{name}: {cut} prompt(s) longer than {limit} tokens (up to {max(lengths)}) were truncated"
+        LOG.warning(message)
+        with self.open_registry().transaction() as tx:
+            tx.append_event(
+                "dimension.prompts_truncated",
+                lineage_id=self.lineage_id,
+                dimension_name=name,
+                revision_id=revision_id,
+                details={"prompts": cut, "max_length": limit, "longest": max(lengths), "message": message},
+            )
 
     def plan_rollback(
         self, dimension: str

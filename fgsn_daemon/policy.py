@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from fgsn_daemon.errors import PolicyError, PromptFileError
-from fgsn_daemon.prompts import parse_prompt_lines
+from fgsn_daemon.prompts import decode_text, parse_prompt_lines
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 POLICY_FILE = "policy.toml"
@@ -181,6 +181,10 @@ def read_dimension_file(folder: Path, filename: str) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise PolicyError(f"{path}: not a regular file")
+        if info.st_nlink > 1:  # like a symlink out of the folder: its content may change elsewhere
+            raise PolicyError(
+                f"{path}: has {info.st_nlink - 1} other hard link(s); copy the file into the folder instead"
+            )
         if info.st_size > limit:
             raise PolicyError(f"{path}: {info.st_size} bytes is over the {limit}-byte limit")
         data = _read_at_most(fd, limit + 1)
@@ -221,9 +225,9 @@ def _contained_target(folder: Path, path: Path) -> Path:
 def parse_policy_toml(data: bytes, source: str = POLICY_FILE) -> PolicySpec:
     """Validate policy.toml bytes; errors name the file and every offending key."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{source}: not valid UTF-8 (byte {exc.start})") from None
+        text = decode_text(data, source)
+    except PromptFileError as exc:
+        raise PolicyError(str(exc)) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -6,6 +6,7 @@ kept but ignored. Blank lines are skipped. Everything else is an error naming th
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
@@ -17,22 +18,43 @@ MAX_PROMPT_CHARS = 32_000
 MAX_PROMPTS = 200_000
 
 
-def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
-    """Parse JSONL bytes into prompts, raising PromptFileError with the offending line number."""
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text of a user file: a leading byte-order mark is dropped (editors write one), NUL
+    bytes are refused (they end strings early in tokenizers and logs)."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise PromptFileError(f"{source}: contains a NUL byte (byte {nul}); text files only")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PromptFileError(f"{source}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ValueError(f"duplicate key {k!r}")
+    return dict(pairs)
+
+
+def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
+    """Parse JSONL bytes into prompts, raising PromptFileError with the offending line number."""
+    text = decode_text(data, source)
     prompts: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
         except RecursionError:
             raise PromptFileError(f"{source}:{number}: JSON nested too deeply") from None
+        except ValueError as exc:  # a duplicate key: which value was meant is unknowable
+            raise PromptFileError(f"{source}:{number}: {exc}") from None
         if not isinstance(obj, dict):
             raise PromptFileError(f"{source}:{number}: expected a JSON object with a 'prompt' field")
         prompt = obj.get("prompt")
