@@ -25,7 +25,7 @@ from fgsn_daemon.registry.db import (
     sqlite_path,
     upgrade_to_head,
 )
-from fgsn_daemon.registry.store import Registry, RegistrySnapshot, RevisionInfo
+from fgsn_daemon.registry.store import EventInfo, Registry, RegistrySnapshot, RevisionInfo
 from fgsn_daemon.settings import (
     Settings,
     effective_config,
@@ -315,31 +315,64 @@ def _entry_counts(
 
 def history(
     limit: Annotated[int | None, typer.Option(help="only the newest N events")] = None,
+    after: Annotated[int, typer.Option(help="only events after this id (for polling)")] = 0,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
     state_dir: StateDirOption = None,
     lineage: LineageOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The append-only event history, oldest first."""
+    """The append-only event history, oldest first (read and printed a page at a time, so any
+    length of history fits in bounded memory)."""
     with _errors(), _reader(config, database_url, state_dir) as (registry, _url):
-        events = registry.events(lineage_id=lineage, limit=limit)
-        if as_json:
-            _print_json([e.model_dump(mode="json") for e in events])
+        if limit is not None:
+            pages: Iterator[list[EventInfo]] = iter(
+                [registry.events(lineage_id=lineage, after_id=after, limit=limit)]
+            )
+        else:
+            pages = _event_pages(registry, lineage, after)
+        if as_json:  # one JSON array, streamed
+            first = True
+            typer.echo("[", nl=False)
+            for page in pages:
+                for e in page:
+                    item = json.dumps(e.model_dump(mode="json"), default=_json_default)
+                    typer.echo(("\n" if first else ",\n") + "  " + item, nl=False)
+                    first = False
+            typer.echo("\n]" if not first else "]")
             return
-        _print_table(
-            ["ID", "TIME", "KIND", "DIMENSION", "DETAILS"],
-            [
-                [
-                    str(e.id),
-                    _time(e.occurred_at),
-                    e.kind,
-                    e.dimension or "-",
-                    "" if e.details is None else json.dumps(e.details, sort_keys=True),
-                ]
-                for e in events
-            ],
-        )
+        shown = False
+        for page in pages:
+            if page:
+                _print_table(
+                    ["ID", "TIME", "KIND", "DIMENSION", "DETAILS"],
+                    [
+                        [
+                            str(e.id),
+                            _time(e.occurred_at),
+                            e.kind,
+                            e.dimension or "-",
+                            "" if e.details is None else json.dumps(e.details, sort_keys=True),
+                        ]
+                        for e in page
+                    ],
+                    header=not shown,
+                )
+                shown = True
+        if not shown:
+            typer.echo("(none)")
+
+
+HISTORY_PAGE = 1000
+
+
+def _event_pages(registry: Any, lineage: int | None, after: int) -> Iterator[list[EventInfo]]:
+    while True:
+        page = registry.events_page(lineage_id=lineage, after_id=after, size=HISTORY_PAGE)
+        if not page:
+            return
+        yield page
+        after = page[-1].id
 
 
 def versions(
@@ -505,10 +538,10 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> None:
     if not rows:
         typer.echo("(none)")
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for line in [list(headers), *rows]:
+    for line in [list(headers), *rows] if header else rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())

@@ -403,6 +403,17 @@ class _Queries(ABC):
                 rows = list(s.scalars(query.order_by(Event.id)).all())
             return [_event_info(row) for row in rows]
 
+    def events_page(
+        self, *, lineage_id: int | None = None, after_id: int = 0, size: int = 1000
+    ) -> list[EventInfo]:
+        """The oldest ``size`` events after ``after_id``: page through any history in bounded memory."""
+        with self._reading() as s:
+            query = select(Event).where(Event.id > after_id)
+            if lineage_id is not None:
+                query = query.where(Event.lineage_id == lineage_id)
+            rows = s.scalars(query.order_by(Event.id).limit(size)).all()
+            return [_event_info(row) for row in rows]
+
     def layer_curve(self, lineage_id: int, cache_key: str = "") -> StoredCurveInfo | None:
         with self._reading() as s:
             row = s.scalar(
