@@ -213,3 +213,27 @@ def test_a_folder_removed_while_its_job_runs_or_renamed_while_settling(trio, tmp
         doomed_rev = reg.dimension(lineage, "doomed").revisions[-1]
     assert "cannot read dimension doomed" in (doomed_rev.error or "")
     assert names == {"doomed", "final"}  # the transient name was never recorded
+
+
+@pytest.mark.slow
+def test_a_thousand_dimension_folders_at_once_are_all_queued(tmp_path):
+    from fgsn_daemon.daemon import Daemon
+    from fgsn_daemon.registry.models import JobState
+    from fgsn_daemon.settings import load_settings
+
+    policy = tmp_path / "policies"
+    policy.mkdir()
+    for i in range(1000):
+        write_dimension(policy, f"dim-{i:04d}", [f"hack wifi {i}"])
+    settings = load_settings(None, {"policy_dir": policy, "state_dir": tmp_path / "state", "settle_s": 0.0})
+    daemon = Daemon(settings)
+    try:
+        with daemon.open_registry().transaction() as tx:
+            daemon.lineage_id = tx.ensure_lineage("b", "a", "f")
+        queued = daemon.scan(now=time.time() + 60)
+        assert len(queued) == 1000
+        assert daemon.scan(now=time.time() + 60) == []  # nothing is queued twice
+        jobs = daemon.open_registry().jobs(daemon.lineage_id, unfinished_only=True)
+        assert len(jobs) == 1000 and all(j.state == JobState.PENDING for j in jobs)
+    finally:
+        daemon.close()
