@@ -202,12 +202,16 @@ class Daemon:
                 folder_fingerprint(s.aligned),
                 folder_fingerprint(s.finetuned),
             )
-            self.check_registry_matches_state_folder()  # before anything is written to either
-            with reg.transaction() as tx:
-                self.lineage_id = tx.ensure_lineage(*fingerprints)
-            self.versions = VersionStore(self.state_dir / f"lineage-{self.lineage_id}")
-            self._write_lineage_marker()
-            self._point_top_level_link()
+            try:
+                self.check_registry_matches_state_folder()  # before anything is written to either
+                with reg.transaction() as tx:
+                    self.lineage_id = tx.ensure_lineage(*fingerprints)
+                self.versions = VersionStore(self.state_dir / f"lineage-{self.lineage_id}")
+                self._write_lineage_marker()
+                self._point_top_level_link()
+            except BaseException:
+                trio.close()
+                raise
             self.trio = trio
         return self.trio
 

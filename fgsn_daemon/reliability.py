@@ -43,6 +43,7 @@ from fgsn_daemon.registry.models import JobState, RevisionStatus
 RANDOM = "random"  # a plan entry: kill at a random moment instead of at a named point
 MAX_CLEAN_RUNS = 3  # uninterrupted runs a stage may need after its kills before it counts as stuck
 RUNNING_STATES = (JobState.SCORING, JobState.EDITING, JobState.PUBLISHING)
+_FINISHED = (JobState.DONE, JobState.FAILED, JobState.DISCARDED)
 FINAL_STATUSES = (RevisionStatus.APPLIED, RevisionStatus.FAILED, RevisionStatus.ROLLED_BACK)
 ACTIVATION_PARAMS = 'preset = "activation"\nq = 50\np = 10\nbatch_size = 8\nmax_length = 32\n'
 
@@ -246,9 +247,6 @@ def observe(state_dir: Path, url: str, *, after_recovery: bool) -> Observed:
         "current": sorted(registry_current.revisions) if registry_current else None,
     }
     return Observed(digest, name, summary, unfinished, problems)
-
-
-_FINISHED = (JobState.DONE, JobState.FAILED, JobState.DISCARDED)
 
 
 def version_digests(state_dir: Path, url: str) -> list[str]:
