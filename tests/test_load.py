@@ -119,10 +119,11 @@ def test_queries_hammered_from_several_processes_while_jobs_run(tmp_path):
             wait_for(lambda name=name: status_of(state, name) == "applied", what=f"{name} applied")
     finally:
         stop.touch()
-        for k, w in enumerate(workers):
-            assert w.wait(timeout=120) == 0, (tmp_path / f"worker-{k}.err").read_text()[-3000:]
+        codes = [w.wait(timeout=120) for w in workers]
         daemon.terminate()
         assert daemon.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    for k, code in enumerate(codes):
+        assert code == 0, (tmp_path / f"worker-{k}.err").read_text()[-3000:]
     reports = [json.loads((tmp_path / f"worker-{k}.json").read_text()) for k in range(3)]
     assert all(r["failures"] == [] for r in reports), reports
     assert all(r["calls"] >= 3 for r in reports), reports  # each ran every command while jobs ran
