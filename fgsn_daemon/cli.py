@@ -11,6 +11,7 @@ import typer
 
 from fgsn_daemon import defaults
 from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.records import parse_band
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained safety neuron projection.")
 LOG = logging.getLogger("fgsn")
@@ -36,16 +37,6 @@ def _root() -> None:
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
-
-
-def parse_band(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        start, end = (int(x) for x in text.replace("-", ":").split(":"))
-    except ValueError:
-        raise FGSNError(f"--band must look like START:END (inclusive layer indices), got {text!r}") from None
-    return start, end
 
 
 @app.command()

@@ -51,7 +51,7 @@ from fgsn_daemon.plots import PlotPoint, tradeoff_plot
 from fgsn_daemon.policy import list_dimension_dirs
 from fgsn_daemon.projection import Operator
 from fgsn_daemon.prompts import load_prompts
-from fgsn_daemon.records import Band, NeuronId
+from fgsn_daemon.records import Band, NeuronId, parse_band
 
 LOG = logging.getLogger("fgsn_daemon.experiments")
 T = TypeVar("T")
@@ -1044,13 +1044,6 @@ def write_continual(result: dict[str, Any], out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-
-
-def parse_band(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    start, _, end = text.partition(":")
-    return int(start), int(end)
 
 
 def build_parser() -> argparse.ArgumentParser:

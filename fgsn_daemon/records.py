@@ -129,3 +129,18 @@ class ApplyResult(_Record):
     # entry units: sha256 of the revision's candidate-entry mask file (fgsn_daemon.entry_masks)
     entry_masks: str | None = None
     entries: int | None = None  # candidate entries in that mask
+
+
+def parse_band(text: str | None) -> tuple[int, int] | None:
+    """``START:END`` (or ``START-END``), inclusive layer indices; None or empty means automatic."""
+    if not text:
+        return None
+    from fgsn_daemon.errors import ConfigError
+
+    try:
+        start, end = (int(x) for x in text.replace("-", ":").split(":"))
+    except ValueError:
+        raise ConfigError(
+            f"--band must look like START:END (inclusive layer indices), got {text!r}"
+        ) from None
+    return start, end
