@@ -33,6 +33,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+SCORING_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(2)
+root, band_lo, band_hi, n = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+from fgsn_daemon.activations import format_prompts
+from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
+from fgsn_daemon.policy import bundled_benign
+
+prompts = bundled_benign("train")[:n]
+trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
+loc = Localiser(trio, FGSNParams(batch_size=8, max_length=64), torch.device("cpu"), prompts)
+loc.ensure_model()
+tok, model = loc.tokenizer, loc.model
+texts = format_prompts(tok, prompts, True)
+tok.padding_side, tok.truncation_side = "right", "left"
+batches = [tok(texts[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=64,
+               add_special_tokens=False) for i in range(0, len(texts), 8)]
+tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+out = {"tokens": tokens}
+with torch.no_grad():
+    first = batches[0]  # warm-up
+    model(input_ids=first["input_ids"], attention_mask=first["attention_mask"], use_cache=False)
+    t0 = time.perf_counter()
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    out["plain_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loc.collect(prompts, list(range(band_lo, band_hi + 1)))
+    out["band_stats_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loc.collect(prompts, list(range(trio.num_layers)), curve=True)
+    out["curve_s"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
 CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -108,6 +146,28 @@ def run_phase(phase: str, root: Path, state: Path, band: tuple[int, int]) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_scoring(root: Path, band: tuple[int, int], prompts: int) -> dict[str, float]:
+    """Plain forward passes vs the scoring passes (band statistics with early stop, layer curve)."""
+    tokenizer_source = next(Path.home().glob(".cache/fgsn/lab/smollm2-*/aligned"), None)
+    if tokenizer_source is None:
+        raise RuntimeError(
+            "no SmolLM2 lab trio to borrow a tokenizer from: run `fgsn lab build --model smollm2`"
+        )
+    for member in ("base", "aligned", "finetuned"):
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (tokenizer_source / f).exists():
+                shutil.copyfile(tokenizer_source / f, root / member / f)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCORING_CHILD, str(REPO), str(root), str(band[0]), str(band[1]), str(prompts)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"scoring failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def new_bytes(folder: Path) -> int:
     """Bytes of a version folder's files that are not hard links to another version."""
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.stat().st_nlink == 1)
@@ -146,15 +206,26 @@ def main() -> None:
     from shapes import write_trio
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "qwen2.5-1.5b", "llama-3.1-8b"])
+    ap.add_argument("--shapes", nargs="*", default=["llama-3.2-1b", "qwen2.5-1.5b", "llama-3.1-8b"])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--ram-gb", type=float, default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     )
+    ap.add_argument(
+        "--scoring-shapes", nargs="*", default=["llama-3.2-1b"], help="shapes whose scoring passes are timed"
+    )
+    ap.add_argument("--scoring-prompts", type=int, default=32)
     args = ap.parse_args()
     baseline = import_baseline()
     rows = []
+    scoring = []
+    for name in args.scoring_shapes:
+        paths = write_trio(name, args.work, lora=True)
+        block = json.loads((paths["base"].parent / ".complete").read_text())["block"]
+        scoring.append(
+            (name, block, run_scoring(paths["base"].parent, (block[0], block[1]), args.scoring_prompts))
+        )
     for name in args.shapes:
         t0 = time.perf_counter()
         paths = write_trio(name, args.work, lora=True)
@@ -226,6 +297,24 @@ def main() -> None:
             f"{r['written_mb'] / 1e3:.2f} GB | {r['version_bytes'] / 1e6:.0f} MB "
             f"({r['version_bytes'] / (m['band_mb'] * 1e6):.2f}× band) |"
         )
+    if scoring:
+        lines += [
+            "",
+            f"Scoring passes on CPU ({args.scoring_prompts} bundled benign prompts, batches of 8, up to 64 "
+            "tokens, float32 compute): plain forward passes of the whole model against the daemon's "
+            "two forward-only scoring passes, in tokens per second.",
+            "",
+            "| shape | band | tokens | plain forward | band statistics (stops after the band) | "
+            "layer curve (all layers) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, block, r in scoring:
+            plain = r["tokens"] / r["plain_s"]
+            stats, curve = r["tokens"] / r["band_stats_s"], r["tokens"] / r["curve_s"]
+            lines.append(
+                f"| {name} | {block[0]}–{block[1]} | {r['tokens']} | {plain:.0f} tok/s | "
+                f"{stats:.0f} tok/s ({stats / plain:.2f}×) | {curve:.0f} tok/s ({curve / plain:.2f}×) |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
