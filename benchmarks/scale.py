@@ -15,8 +15,9 @@ version adds on disk (files that are not hard links):
 
     python benchmarks/scale.py --shapes llama-3.2-1b qwen2.5-1.5b llama-3.1-8b --work /tmp/shapes
 
-Scoring phases are not measured here yet (see the README: CPU scoring of 1B+ models is out of this
-machine's reach in a benchmark run; the GPU check was not available).
+``--scoring-shapes`` also times, on those shapes, plain forward passes of the whole model against
+the daemon's forward-only scoring passes (band statistics with early stop; the layer curve), in
+tokens per second; the attribution scoring's backward passes are not timed yet.
 """
 
 from __future__ import annotations
