@@ -378,12 +378,13 @@ def write_checkpoint(
     previous_map: dict[str, str] = {}
     if reuse_from is not None and (reuse_from / INDEX_NAME).exists():
         previous_map = _read_json(reuse_from / INDEX_NAME, "safetensors index").get("weight_map", {})
+    edited_names = set(edited)
     linked = {
         i
         for i, names in enumerate(plan.shards)
         if reuse_from is not None
         and i not in plan.edit_shards
-        and not set(names) & set(edited)
+        and not set(names) & edited_names
         and {k for k, v in previous_map.items() if v == shard_filename(i, n)} == set(names)
         and (reuse_from / shard_filename(i, n)).is_file()
     }
@@ -468,7 +469,10 @@ def _aux_sources(aux_dirs: Sequence[Path]) -> dict[str, Path]:
 
 def ensure_free_space(folder: Path, needed: int) -> None:
     """Refuse a write before it starts when ``folder``'s file system has less than ``needed`` bytes."""
-    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # the folder may not exist yet
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < needed:
         raise DiskSpaceError(
             f"not enough free space: {needed} bytes needed, {free} free, to write a checkpoint in "

@@ -160,3 +160,10 @@ def status_of_registry(root: Path, name: str) -> str | None:
     with registry_at(root) as reg:
         detail = reg.dimension(reg.default_lineage_id(), name)
         return detail.revisions[-1].status.value if detail and detail.revisions else None
+
+
+def test_the_free_space_check_names_the_bytes_and_takes_a_folder_not_made_yet(tmp_path):
+    checkpoint.ensure_free_space(tmp_path / "not" / "made" / "yet", 1)
+    with pytest.raises(DiskSpaceError, match="bytes needed") as refused:
+        checkpoint.ensure_free_space(tmp_path / "not", 2**62)
+    assert refused.value.needed == 2**62 and refused.value.free < 2**62
