@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from fgsn_daemon.durable import fsync_dir
 from fgsn_daemon.errors import CheckpointError, DiskSpaceError, IncompatibleCheckpointsError
 from fgsn_daemon.faults import fault_point
 from fgsn_daemon.precision import round_to
@@ -29,7 +30,6 @@ from fgsn_daemon.safetensors_io import (
     PlannedTensor,
     SafetensorsFile,
     TensorInfo,
-    fsync_dir,
     tensor_bytes,
     write_shard,
 )

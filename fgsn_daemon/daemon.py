@@ -36,6 +36,7 @@ from typing import Any
 from fgsn_daemon.activations import ActivationStats, resolve_device
 from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES, folder_fingerprint
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
+from fgsn_daemon.durable import write_text_durably
 from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
 from fgsn_daemon.entry_masks import load_masks, save_masks, union
 from fgsn_daemon.errors import DiskSpaceError, FGSNError, PolicyError
@@ -54,7 +55,6 @@ from fgsn_daemon.records import ApplyResult, Band, NeuronId, SkippedNeuron
 from fgsn_daemon.registry import Registry, is_unavailable
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
 from fgsn_daemon.registry.store import JobInfo, LineageInfo, VersionInfo
-from fgsn_daemon.safetensors_io import fsync_dir
 from fgsn_daemon.settings import Settings, mask_database_url
 from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
 
@@ -264,13 +264,7 @@ class Daemon:
         if marker.exists():
             return
         lin = next(x for x in self.open_registry().lineages() if x.id == self.lineage_id)
-        tmp = marker.with_name(f".{LINEAGE_MARKER}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self._lineage_record(lin), indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, marker)
-        fsync_dir(marker.parent)
+        write_text_durably(marker, json.dumps(self._lineage_record(lin), indent=1) + "\n")
 
     def _point_top_level_link(self) -> None:
         link, target = self.state_dir / "current", Path(f"lineage-{self.lineage_id}") / "current"

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from fgsn_daemon.durable import fsync_dir
 from fgsn_daemon.errors import FGSNError
 from fgsn_daemon.records import NeuronId
-from fgsn_daemon.safetensors_io import fsync_dir
 
 SUFFIX = ".safetensors"
 

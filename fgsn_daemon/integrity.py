@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fgsn_daemon.durable import write_text_durably
+
 if TYPE_CHECKING:
     from fgsn_daemon.registry.store import VersionInfo
 
@@ -108,15 +110,6 @@ def version_files(folder: Path) -> list[str]:
     )
 
 
-def fsync_dir(path: Path) -> None:
-    # not safetensors_io's: that module imports torch, and `fgsn verify` should start fast
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(folder: Path) -> dict[str, FileEntry] | None:
     """The manifest's entries; None when the folder has none. Raises ValueError when unreadable."""
     path = folder / MANIFEST_NAME
@@ -152,13 +145,7 @@ def write_manifest(folder: Path, parent: Path | None = None) -> dict[str, FileEn
         "algorithm": "sha256",
         "files": {k: asdict(v) for k, v in entries.items()},
     }
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(body, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST_NAME)
-    fsync_dir(folder)
+    write_text_durably(folder / MANIFEST_NAME, json.dumps(body, indent=1, sort_keys=True) + "\n")
     return entries
 
 

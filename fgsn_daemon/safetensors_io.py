@@ -225,11 +225,3 @@ def write_shard(path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str
         fault_point("shard_written_unsynced")
         os.fsync(f.fileno())
     return offset
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fgsn_daemon.durable import fsync_dir
 from fgsn_daemon.engine import (
     EditOutcome,
     ModelTrio,
@@ -41,7 +42,6 @@ from fgsn_daemon.integrity import (
     write_manifest,
 )
 from fgsn_daemon.records import Band
-from fgsn_daemon.safetensors_io import fsync_dir
 
 VERSION_NAME = re.compile(r"^v(\d{4,})$")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fgsn_daemon"
 
 LAYERS: dict[str, set[str]] = {
-    "core": {"errors", "faults", "records", "defaults", "prompts", "policy", "stats", "precision"},
+    "core": {"durable", "errors", "faults", "records", "defaults", "prompts", "policy", "stats", "precision"},
     "engine": {
         "activations",
         "architectures",
