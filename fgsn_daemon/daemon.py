@@ -590,7 +590,8 @@ class Daemon:
         apply is retried only while its revision is still the dimension's latest."""
         reg, store = self.open_registry(), self.versions
         assert store is not None
-        waiting = [e for e in reg.events(lineage_id=self.lineage_id) if e.kind == WAITING_FOR_SPACE]
+        # every tick: only this kind of event is read, not the whole history
+        waiting = reg.events(lineage_id=self.lineage_id, kind=WAITING_FOR_SPACE)
         if not waiting:
             return []
         jobs = reg.jobs(self.lineage_id)

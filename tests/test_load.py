@@ -33,6 +33,8 @@ def test_a_history_of_10000_events_is_read_a_page_at_a_time(tmp_path, monkeypatc
         lineage = tx.ensure_lineage("b", "a", "f")
         for i in range(10_000):
             tx.append_event("test.load", lineage_id=lineage, details={"i": i})
+    with Registry.open(url, read_only=True) as reg:  # the daemon's per-tick query reads one kind only
+        assert len(reg.events(kind="test.load")) == 10_000 and reg.events(kind="no.such.kind") == []
     sizes: list[int] = []
     real_pages = registry_cli._event_pages
 

@@ -389,13 +389,20 @@ class _Queries(ABC):
             return [_job_info(s, job) for job in s.scalars(query.order_by(Job.id)).all()]
 
     def events(
-        self, *, lineage_id: int | None = None, after_id: int = 0, limit: int | None = None
+        self,
+        *,
+        lineage_id: int | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+        kind: str | None = None,
     ) -> list[EventInfo]:
         """Events in the order they were appended (oldest first); ``limit`` keeps the newest."""
         with self._reading() as s:
             query = select(Event).where(Event.id > after_id)
             if lineage_id is not None:
                 query = query.where(Event.lineage_id == lineage_id)
+            if kind is not None:
+                query = query.where(Event.kind == kind)
             if limit is not None:
                 newest = s.scalars(query.order_by(Event.id.desc()).limit(limit)).all()
                 rows = list(reversed(newest))
