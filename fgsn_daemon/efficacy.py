@@ -39,6 +39,7 @@ from fgsn_daemon.engine import (
     contrast_penalty,
     neuron_slices,
     restored_in_memory,
+    unit_attribution_scores,
 )
 from fgsn_daemon.errors import ConfigError, FGSNError
 from fgsn_daemon.evaluation import UtilityItem, answer_correct, generate_responses, load_utility
@@ -491,18 +492,8 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 masks = masks_at(loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at))
                 extra["guard_trace"] = list(loc.guard_trace)
                 return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
-            from fgsn_daemon.localisation import NeuronScores
-
-            scores: dict[tuple[int, str], NeuronScores] = {}
-            for name, (layer, space, axis) in tensors.items():
-                g, c = -harm.along(name, axis), benign.along(name, axis)
-                if st.contrast and refusal is not None:
-                    # positive-gain units only, ranked by the contrasted gain
-                    g = torch.where(g > 0, g + st.contrast * refusal.along(name, axis), torch.zeros_like(g))
-                prev = scores.get((layer, space))
-                scores[(layer, space)] = (
-                    NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
-                )
+            kind = "odds" if st.penalty == "odds" else "refusal"
+            scores = unit_attribution_scores(harm, benign, refusal, tensors, st.contrast, kind)
             if st.unit == "neuron-per-layer":
                 sel = select_neurons(
                     {k: v for k, v in scores.items() if k[0] in band.layers}, st.budget, st.p

@@ -225,6 +225,31 @@ def contrast_penalty(
     return {n: -refusal.entries[n] for n in names}
 
 
+def unit_attribution_scores(
+    harm: Any,
+    benign: Any,
+    refusal: Any | None,
+    tensors: Mapping[str, tuple[int, str, int]],
+    contrast: float = 0.0,
+    kind: str = "refusal",
+) -> dict[tuple[int, str], NeuronScores]:
+    """Per-unit gain (refusal-loss drop of reverting the unit) and cost (benign-loss rise), summed
+    over each unit's tensors. With a refusal contrast, only positive-gain units score, ranked by
+    gain − contrast × penalty (the penalty as in ``contrast_penalty``, along the unit axis)."""
+    out: dict[tuple[int, str], NeuronScores] = {}
+    for name, (layer, space, axis) in tensors.items():
+        g = -harm.along(name, axis)
+        c = benign.along(name, axis)
+        if refusal is not None and contrast:
+            pen = -refusal.along(name, axis) + (c if kind == "odds" else 0)
+            g = torch.where(g > 0, g - contrast * pen, torch.zeros_like(g))
+        prev = out.get((layer, space))
+        out[(layer, space)] = (
+            NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
+        )
+    return out
+
+
 def benign_refusal_targets(
     benign_prompts: Sequence[str], harmful_prompts: Sequence[str], responses: Sequence[str]
 ) -> list[tuple[str, str]]:
@@ -560,18 +585,9 @@ class Localiser:
         benign = self.benign_effects(names, benign_prompts)
         refusal = self.contrast_effects(harmful_prompts, names)
         self.last_effects = (harm, benign, tensors)
-        out: dict[tuple[int, str], NeuronScores] = {}
-        for name, (layer, space, axis) in tensors.items():
-            g = -harm.along(name, axis)
-            c = benign.along(name, axis)
-            if refusal is not None:  # positive-gain units, ranked by the contrasted gain
-                pen = -refusal.along(name, axis) + (c if self.params.contrast_kind == "odds" else 0)
-                g = torch.where(g > 0, g - self.params.contrast * pen, torch.zeros_like(g))
-            prev = out.get((layer, space))
-            out[(layer, space)] = (
-                NeuronScores(g, c) if prev is None else NeuronScores(prev.harmful + g, prev.benign + c)
-            )
-        return out
+        return unit_attribution_scores(
+            harm, benign, refusal, tensors, self.params.contrast, self.params.contrast_kind
+        )
 
     def unit_sizes(self, keys: Sequence[tuple[int, str]]) -> dict[tuple[int, str], int]:
         """Parameters one unit of each (layer, space) holds."""
