@@ -37,7 +37,14 @@ from fgsn_daemon.activations import ActivationStats, resolve_device
 from fgsn_daemon.checkpoint import DEFAULT_MAX_SHARD_BYTES, folder_fingerprint
 from fgsn_daemon.continual import assign_claims, neurons_by_unit
 from fgsn_daemon.durable import write_text_durably
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection, unit_tensors
+from fgsn_daemon.engine import (
+    CheckpointEdit,
+    FGSNParams,
+    Localiser,
+    ModelTrio,
+    entry_selection,
+    unit_tensors,
+)
 from fgsn_daemon.entry_masks import load_masks, save_masks, union
 from fgsn_daemon.errors import DiskSpaceError, FGSNError, PolicyError
 from fgsn_daemon.faults import fault_point
@@ -56,7 +63,7 @@ from fgsn_daemon.registry import Registry, is_unavailable
 from fgsn_daemon.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
 from fgsn_daemon.registry.store import JobInfo, LineageInfo, VersionInfo
 from fgsn_daemon.settings import Settings, mask_database_url
-from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
+from fgsn_daemon.versions import VersionRepairError, VersionStore
 
 LOG = logging.getLogger("fgsn.daemon")
 LOCK_NAME = "daemon.lock"
@@ -397,10 +404,10 @@ class Daemon:
             )
         return assign_claims(order, {r: self.stored_candidates(r) for r in order})
 
-    def version_inputs(self, claims: dict[int, list[NeuronId]]) -> VersionInputs:
+    def version_inputs(self, claims: dict[int, list[NeuronId]]) -> CheckpointEdit:
         """What a version is computed from: the trio, ``claims``, the band and the edit settings."""
         params = engine_params(self.settings)
-        return VersionInputs(
+        return CheckpointEdit(
             trio=self.open_models(),
             neurons=neurons_by_unit(claims),
             operator=params.operator,

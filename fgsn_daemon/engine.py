@@ -943,6 +943,47 @@ def write_entry_restored_checkpoint(
     )
 
 
+@dataclass(frozen=True)
+class CheckpointEdit:
+    """Everything an edited checkpoint is computed from: the trio and the units to edit (neurons
+    per (layer, space), or entry masks), with the edit settings. Equal inputs give bit-identical
+    files; the daemon's versions and a one-shot ``apply`` are both written by ``write``."""
+
+    trio: ModelTrio
+    neurons: Mapping[tuple[int, str], Sequence[int]]
+    operator: str
+    band: Band
+    spaces: Sequence[str]
+    rank: int
+    device: torch.device | str
+    max_shard_bytes: int
+    entry_masks: Mapping[str, torch.Tensor] | None = None
+
+    def write(self, out: Path, reuse: Path | None = None) -> EditOutcome:
+        if self.entry_masks is not None:
+            return write_entry_restored_checkpoint(
+                self.trio,
+                self.entry_masks,
+                out,
+                self.band,
+                self.spaces,
+                max_shard_bytes=self.max_shard_bytes,
+                reuse_from=reuse,
+            )
+        return write_edited_checkpoint(
+            self.trio,
+            self.neurons,
+            self.operator,
+            out,
+            self.band,
+            self.spaces,
+            rank=self.rank,
+            device=self.device,
+            max_shard_bytes=self.max_shard_bytes,
+            reuse_from=reuse,
+        )
+
+
 def prepare_output_dir(out: Path) -> Path:
     """Refuse to overwrite; return a staging folder beside ``out`` (published by rename)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -994,22 +1035,18 @@ def apply_dimension(
         edited: list[str] = []
         if staging is not None and out_path is not None:
             try:
-                if masks is not None:
-                    outcome = write_entry_restored_checkpoint(
-                        trio, masks, staging, loc.band, params.spaces, max_shard_bytes=max_shard_bytes
-                    )
-                else:
-                    outcome = write_edited_checkpoint(
-                        trio,
-                        neurons,
-                        params.operator,
-                        staging,
-                        loc.band,
-                        params.spaces,
-                        rank=params.rank,
-                        device=dev,
-                        max_shard_bytes=max_shard_bytes,
-                    )
+                edit = CheckpointEdit(
+                    trio,
+                    neurons,
+                    params.operator,
+                    loc.band,
+                    params.spaces,
+                    params.rank,
+                    dev,
+                    max_shard_bytes,
+                    entry_masks=masks,
+                )
+                outcome = edit.write(staging)
                 publish(staging, out_path)
             finally:
                 if staging.exists():

@@ -19,18 +19,12 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fgsn_daemon.durable import fsync_dir
-from fgsn_daemon.engine import (
-    EditOutcome,
-    ModelTrio,
-    write_edited_checkpoint,
-    write_entry_restored_checkpoint,
-)
+from fgsn_daemon.engine import CheckpointEdit, EditOutcome, ModelTrio
 from fgsn_daemon.errors import DiskSpaceError, FGSNError
 from fgsn_daemon.faults import fault_point
 from fgsn_daemon.integrity import (
@@ -48,46 +42,6 @@ VERSION_NAME = re.compile(r"^v(\d{4,})$")
 
 class VersionRepairError(FGSNError):
     """A damaged version cannot be rebuilt bit-identically from the immutable inputs."""
-
-
-@dataclass(frozen=True)
-class VersionInputs:
-    """Everything a version's files are computed from: the trio and the claims (as neurons per unit,
-    or as entry masks), with the edit settings. Equal inputs give bit-identical files."""
-
-    trio: ModelTrio
-    neurons: Mapping[tuple[int, str], Sequence[int]]
-    operator: str
-    band: Band
-    spaces: Sequence[str]
-    rank: int
-    device: torch.device | str
-    max_shard_bytes: int
-    entry_masks: Mapping[str, torch.Tensor] | None = None
-
-    def write(self, out: Path, reuse: Path | None) -> EditOutcome:
-        if self.entry_masks is not None:
-            return write_entry_restored_checkpoint(
-                self.trio,
-                self.entry_masks,
-                out,
-                self.band,
-                self.spaces,
-                max_shard_bytes=self.max_shard_bytes,
-                reuse_from=reuse,
-            )
-        return write_edited_checkpoint(
-            self.trio,
-            self.neurons,
-            self.operator,
-            out,
-            self.band,
-            self.spaces,
-            rank=self.rank,
-            device=self.device,
-            max_shard_bytes=self.max_shard_bytes,
-            reuse_from=reuse,
-        )
 
 
 class VersionStore:
@@ -129,12 +83,12 @@ class VersionStore:
         """Write version ``name`` (the fine-tuned model with ``neurons`` projected, or, for entry
         units, the ``entry_masks`` entries restored) and rename it into place. Shards outside the
         edit group are hard-linked from ``parent``."""
-        inputs = VersionInputs(
+        inputs = CheckpointEdit(
             trio, neurons, operator, band, spaces, rank, device, max_shard_bytes, entry_masks
         )
         return self.build_version(name, inputs, parent)
 
-    def build_version(self, name: str, inputs: VersionInputs, parent: str | None) -> EditOutcome:
+    def build_version(self, name: str, inputs: CheckpointEdit, parent: str | None) -> EditOutcome:
         """``build`` with its inputs in one value (the daemon also hands them to ``repair``)."""
         if not VERSION_NAME.match(name):
             raise ValueError(f"bad version name {name!r}")
@@ -164,7 +118,7 @@ class VersionStore:
         """The quick check of one version against its manifest (every file hashed)."""
         return check_version(self.path(name))
 
-    def repair(self, name: str, damaged: Sequence[str], inputs: VersionInputs) -> list[Path]:
+    def repair(self, name: str, damaged: Sequence[str], inputs: CheckpointEdit) -> list[Path]:
         """Rebuild version ``name`` in full (no hard links) from ``inputs``, require each ``damaged``
         file to come out bit-identical to the manifest, and swap it in, in this version and in every
         version sharing the damaged inode through a hard link. Each swap is one rename, so a crash

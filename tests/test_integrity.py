@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import make_trio
 
-from fgsn_daemon.engine import ModelTrio
+from fgsn_daemon.engine import CheckpointEdit, ModelTrio
 from fgsn_daemon.integrity import MANIFEST_NAME, damaged_files, read_manifest, version_files
 from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionInputs, VersionRepairError, VersionStore
+from fgsn_daemon.versions import VersionRepairError, VersionStore
 
 COMMON = {
     "operator": "safe_lora",
@@ -48,7 +48,7 @@ def two_versions(tmp_path):
     paths = make_trio(tmp_path / "trio", "llama", layers=4)
     trio = ModelTrio.open(paths["base"], paths["aligned"], paths["finetuned"])
     store = VersionStore(tmp_path / "state")
-    first, second = VersionInputs(trio, {}, **COMMON), VersionInputs(trio, EDIT, **COMMON)
+    first, second = CheckpointEdit(trio, {}, **COMMON), CheckpointEdit(trio, EDIT, **COMMON)
     store.build_version("v0001", first, parent=None)
     store.build_version("v0002", second, parent="v0001")
     yield store, first, second
