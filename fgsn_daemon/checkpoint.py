@@ -441,13 +441,7 @@ def write_checkpoint(
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        free = shutil.disk_usage(out_dir.parent).free
-        raise DiskSpaceError(
-            f"no space left on device while writing {out_dir.name} in {out_dir.parent}: the write "
-            f"needs about {needed} bytes, {free} are free",
-            needed,
-            free,
-        ) from None
+        raise DiskSpaceError.enospc(out_dir.name, out_dir.parent, needed) from None
     fault_point("staging_complete")
     return index
 

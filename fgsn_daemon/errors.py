@@ -1,5 +1,10 @@
 """Exceptions with messages meant for the user (the CLI prints them as they are)."""
 
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
 
 class FGSNError(Exception):
     """Base class: anything the user can fix by changing inputs or configuration."""
@@ -16,6 +21,17 @@ class DiskSpaceError(CheckpointError):
     def __init__(self, message: str, needed: int | None, free: int) -> None:
         super().__init__(message)
         self.needed, self.free = needed, free
+
+    @classmethod
+    def enospc(cls, what: str, folder: Path, needed: int | None = None) -> DiskSpaceError:
+        """ENOSPC while writing ``what`` in ``folder``, with what the disk has left now."""
+        free = shutil.disk_usage(folder).free
+        wanted = "" if needed is None else f"the write needs about {needed} bytes, "
+        return cls(
+            f"no space left on device while writing {what} in {folder}: {wanted}{free} bytes are free",
+            needed,
+            free,
+        )
 
 
 class IncompatibleCheckpointsError(CheckpointError):

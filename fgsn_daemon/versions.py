@@ -101,13 +101,7 @@ class VersionStore:
         except BaseException as exc:  # a failed build leaves nothing behind (a crash: recovery does)
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                free = shutil.disk_usage(self.root).free
-                raise DiskSpaceError(
-                    f"no space left on device while writing version {name} in {self.root} "
-                    f"({free} bytes free)",
-                    None,
-                    free,
-                ) from None
+                raise DiskSpaceError.enospc(f"version {name}", self.root) from None
             raise
         os.rename(staging, self.path(name))
         fault_point("version_renamed")
