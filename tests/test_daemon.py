@@ -141,14 +141,17 @@ def neuron_slices(tensors: dict[str, torch.Tensor], n: NeuronId) -> list[torch.T
 
 
 @contextlib.contextmanager
-def running_daemon(cfg: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `fgsn run` subprocess; SIGTERM on exit, which must stop it cleanly (exit 0)."""
+def running_daemon(
+    cfg: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `fgsn run` subprocess (``env`` added to its environment, e.g. FGSN_PAUSE); SIGTERM on
+    exit, which must stop it cleanly (exit 0)."""
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
         try:
             yield daemon

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import make_trio
-from test_daemon import fgsn, registry, status_of, wait_for, write_config, write_dimension
+from test_daemon import (
+    fgsn,
+    registry,
+    running_daemon,
+    status_of,
+    wait_for,
+    write_config,
+    write_dimension,
+)
 
 from fgsn_daemon.errors import FGSNError
 from fgsn_daemon.policy import list_dimension_dirs, load_dimension
@@ -185,14 +190,7 @@ def test_a_folder_removed_while_its_job_runs_or_renamed_while_settling(trio, tmp
     policy, state, log_path = tmp_path / "policies", tmp_path / "state", tmp_path / "daemon.log"
     policy.mkdir()
     cfg = write_config(tmp_path, trio, policy, state)
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg), "--text-logs"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "FGSN_PAUSE": "job_scoring_started@1:4"},
-        )
-    try:
+    with running_daemon(cfg, log_path, {"FGSN_PAUSE": "job_scoring_started@1:4"}):
         wait_for(lambda: (state / "current").exists(), what="the initial version")
         doomed = write_dimension(policy, "doomed", GOOD)
         wait_for(lambda: "pause point job_scoring_started reached" in log_path.read_text(), what="the pause")
@@ -204,9 +202,6 @@ def test_a_folder_removed_while_its_job_runs_or_renamed_while_settling(trio, tmp
         moving = write_dimension(policy, "draft", GOOD)
         os.rename(moving, policy / "final")
         wait_for(lambda: status_of(state, "final") == "applied", what="the renamed dimension")
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0, log_path.read_text()[-3000:]
     with registry(state) as reg:
         lineage = reg.default_lineage_id()
         names = {d.name for d in reg.dimensions(lineage)}

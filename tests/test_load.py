@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import make_trio
-from test_daemon import status_of, wait_for, write_config, write_dimension
+from test_daemon import running_daemon, status_of, wait_for, write_config, write_dimension
 from typer.testing import CliRunner
 
 from fgsn_daemon import registry_cli
@@ -96,34 +96,33 @@ def test_queries_hammered_from_several_processes_while_jobs_run(tmp_path):
     policy.mkdir()
     cfg = write_config(tmp_path, trio, policy, state)
     stop = tmp_path / "stop"
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg), "--text-logs"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
     workers = []
-    try:
-        wait_for(lambda: (state / "current").exists(), what="the initial version")
-        for k in range(3):
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", WORKER, str(state), str(stop), str(tmp_path / f"worker-{k}.json")],
-                    env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                    stderr=open(tmp_path / f"worker-{k}.err", "wb"),  # noqa: SIM115 (closed with the process)
+    with running_daemon(cfg, log_path):
+        try:
+            wait_for(lambda: (state / "current").exists(), what="the initial version")
+            for k in range(3):
+                workers.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            WORKER,
+                            str(state),
+                            str(stop),
+                            str(tmp_path / f"worker-{k}.json"),
+                        ],
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                        stderr=open(tmp_path / f"worker-{k}.err", "wb"),  # noqa: SIM115 (closed with the process)
+                    )
                 )
-            )
-        time.sleep(3)  # the workers are querying
-        for name, prompts in DIMENSIONS.items():
-            write_dimension(policy, name, prompts)
-        for name in DIMENSIONS:
-            wait_for(lambda name=name: status_of(state, name) == "applied", what=f"{name} applied")
-    finally:
-        stop.touch()
-        codes = [w.wait(timeout=120) for w in workers]
-        daemon.terminate()
-        assert daemon.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+            time.sleep(3)  # the workers are querying
+            for name, prompts in DIMENSIONS.items():
+                write_dimension(policy, name, prompts)
+            for name in DIMENSIONS:
+                wait_for(lambda name=name: status_of(state, name) == "applied", what=f"{name} applied")
+        finally:
+            stop.touch()  # the workers stop before the daemon does
+            codes = [w.wait(timeout=120) for w in workers]
     for k, code in enumerate(codes):
         assert code == 0, (tmp_path / f"worker-{k}.err").read_text()[-3000:]
     reports = [json.loads((tmp_path / f"worker-{k}.json").read_text()) for k in range(3)]

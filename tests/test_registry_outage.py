@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 import torch
 from conftest_registry import REQUIRE_POSTGRES_ENV
 from helpers import make_trio
-from test_daemon import current_tensors, fgsn, wait_for, write_config, write_dimension
+from test_daemon import current_tensors, fgsn, running_daemon, wait_for, write_config, write_dimension
 
 from fgsn_daemon.registry import Registry
 
@@ -100,26 +98,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.remove()
 
 
-def start_daemon(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg), "--text-logs"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        )
-
-
-def stop_daemon(daemon: subprocess.Popen[bytes], log: Path) -> None:
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        code = daemon.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        raise
-    assert code == 0, log.read_text()[-3000:]
-
-
 def applied(url: str) -> bool:
     with Registry.open(url, read_only=True) as reg:
         lineage = reg.default_lineage_id()
@@ -138,8 +116,7 @@ def test_postgres_stopped_mid_job_then_restarted(tmp_path, trio_and_expected, pr
     policy.mkdir()
     cfg = write_config(tmp_path, trio, policy, state, pg.url)
     # the 2nd build is the dimension's version: pause after it, before the registry records it
-    daemon = start_daemon(cfg, log, {"FGSN_PAUSE": "after_build@2:8"})
-    try:
+    with running_daemon(cfg, log, {"FGSN_PAUSE": "after_build@2:8"}) as daemon:
         wait_for(lambda: (state / "current").exists(), what="the initial version")
         initial = current_tensors(state)
         write_dimension(policy, "a_cyber", PROMPTS)
@@ -154,8 +131,6 @@ def test_postgres_stopped_mid_job_then_restarted(tmp_path, trio_and_expected, pr
         assert daemon.poll() is None  # waiting, not dead
         pg.start()
         wait_for(lambda: applied(pg.url), what="a_cyber applied after the restart")
-    finally:
-        stop_daemon(daemon, log)
     final = current_tensors(state)
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     assert version_folders(state) == ["v0001", "v0002"]  # the uncommitted one was rebuilt, not kept twice
@@ -173,8 +148,7 @@ def test_sqlite_long_reader_and_a_write_lock_past_the_busy_timeout(tmp_path, tri
     policy.mkdir()
     cfg = write_config(tmp_path, trio, policy, state)
     url = f"sqlite:///{state / 'registry.db'}"
-    daemon = start_daemon(cfg, log)
-    try:
+    with running_daemon(cfg, log) as daemon:
         wait_for(lambda: (state / "current").exists(), what="the initial version")
         reader = sqlite3.connect(state / "registry.db", isolation_level=None)
         reader.execute("BEGIN")
@@ -191,8 +165,6 @@ def test_sqlite_long_reader_and_a_write_lock_past_the_busy_timeout(tmp_path, tri
         reader.execute("SELECT count(*) FROM events").fetchone()  # the reader was never in the way
         reader.execute("COMMIT")
         reader.close()
-    finally:
-        stop_daemon(daemon, log)
     final = current_tensors(state)
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     with Registry.open(url, read_only=True) as reg:
