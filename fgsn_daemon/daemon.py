@@ -161,6 +161,7 @@ class Daemon:
     _lock_fd: int | None = None
     _reported: set[str] = field(default_factory=set)
     _outage_since: float | None = None  # monotonic time the registry became unreachable
+    _job_masks: dict[str, Any] = field(default_factory=dict)  # entry masks read during one job
     _backoff_s: float = 0.0
     _retry_at: float = 0.0
 
@@ -590,6 +591,8 @@ class Daemon:
                         job_id=job.id,
                         details={"needed": exc.needed, "free": exc.free},
                     )
+        finally:
+            self._job_masks.clear()  # scoring and publishing shared them; the next job reads afresh
 
     def retry_after_space(self) -> list[int]:
         """New jobs for the jobs that failed for lack of disk space, once the state folder's file
@@ -982,7 +985,9 @@ class Daemon:
                     f"{info.dimension} (revision {rev}) was applied with neuron units; entry units need an "
                     "entry mask for every applied revision: roll it back and re-apply it, or use unit=neuron"
                 )
-            parts.append(load_masks(self.masks_dir, digest))
+            if digest not in self._job_masks:  # content-addressed: a digest's masks never change
+                self._job_masks[digest] = load_masks(self.masks_dir, digest)
+            parts.append(self._job_masks[digest])
         return union(parts)
 
     def _sync_claims(
