@@ -50,12 +50,12 @@ class NeuronStats:
     def add(self, acts: torch.Tensor, mask: torch.Tensor, last_index: torch.Tensor) -> None:
         """acts [B, T, N], mask [B, T] (1 = real token), last_index [B]."""
         a = acts.to(torch.float64)
-        m = mask.to(a.dtype).unsqueeze(-1)
+        m = mask.to(device=a.device, dtype=a.dtype).unsqueeze(-1)  # layers may sit on other devices
         self.sum = self.sum + (a * m).sum(dim=(0, 1)).cpu()
         self.sumsq = self.sumsq + (a * a * m).sum(dim=(0, 1)).cpu()
         self.sumabs = self.sumabs + (a.abs() * m).sum(dim=(0, 1)).cpu()
         self.count += int(mask.sum())
-        last = a[torch.arange(a.shape[0], device=a.device), last_index]
+        last = a[torch.arange(a.shape[0], device=a.device), last_index.to(a.device)]
         self.last_sum = self.last_sum + last.sum(0).cpu()
         self.last_sumsq = self.last_sumsq + (last * last).sum(0).cpu()
         self.last_count += a.shape[0]
@@ -149,17 +149,64 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a causal LM from a local safetensors folder: no hub access, no remote code."""
+@dataclass(frozen=True)
+class Placement:
+    """How a model too large for one device is spread (accelerate's ``device_map``): ``auto``,
+    ``balanced``, ``balanced_low_0``, ``sequential`` or an explicit module → device map (a device
+    may be ``cpu`` or ``disk``: offloaded weights are streamed in for each forward pass)."""
+
+    device_map: str | dict[str, str | int]
+    max_memory: dict[str | int, str] | None = None
+    offload_dir: Path | None = None
+
+
+def load_model(
+    path: Path, device: torch.device, dtype: torch.dtype = torch.float32, placement: Placement | None = None
+) -> Any:
+    """Load a causal LM from a local safetensors folder: no hub access, no remote code. With a
+    ``placement`` the model is spread over devices by accelerate instead of moved to ``device``."""
     from transformers import AutoModelForCausalLM
 
+    spread: dict[str, Any] = {}
+    if placement is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise CheckpointError(
+                "device_map needs the accelerate package (pip install accelerate)"
+            ) from None
+        spread = {"device_map": placement.device_map, "max_memory": placement.max_memory}
+        if placement.offload_dir is not None:
+            placement.offload_dir.mkdir(parents=True, exist_ok=True)
+            spread["offload_folder"] = str(placement.offload_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+            str(path),
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            **spread,
         )
     except OSError as exc:
         raise CheckpointError(f"{path}: transformers could not load the model ({exc})") from None
-    return model.to(device).eval()
+    except (ValueError, RuntimeError, AssertionError) as exc:  # a bad map, or a device torch lacks
+        if placement is None:
+            raise
+        raise CheckpointError(f"{path}: device_map {placement.device_map!r} failed: {exc}") from None
+    return (model if placement is not None else model.to(device)).eval()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (with offloaded embeddings, the CPU;
+    accelerate's hooks move them to the execution device)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def offloaded_parameters(model: Any) -> list[str]:
+    """Parameters that are not resident (offloaded to CPU or disk by a device map)."""
+    return [name for name, p in model.named_parameters() if p.device.type == "meta"]
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -220,7 +267,7 @@ def collect_stats(
 ) -> ActivationStats:
     """Run ``prompts`` through ``model``, accumulating neuron stats at ``layers`` × ``spaces`` and,
     if ``curve``, unit-normalised last-token hidden states at every layer."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     decoder_layers = _module(model, spec.layers_module)
     n_layers = len(decoder_layers)
     stop_after = n_layers - 1 if curve else max(layers)
@@ -242,7 +289,8 @@ def collect_stats(
         def hook(_module: Any, _args: Any, output: Any) -> None:
             if curve:
                 hidden = output[0] if isinstance(output, tuple) else output
-                last = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"]]
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                last = hidden[rows, state["last"].to(hidden.device)]
                 unit = torch.nn.functional.normalize(last.to(torch.float64), dim=-1)
                 # per-prompt unit vectors are kept so benign–benign pairs can exclude self-pairs
                 stats.unit_sums[layer] = (

@@ -113,27 +113,38 @@ def delta_effects(
     """Effects of applying ``deltas`` (name -> D, the tensor's shape) on the mean-per-sequence NLL
     of ``responses`` given ``prompts``, at ``model``'s current weights, by hooks on the linear
     layers that own the tensors (see the module docstring). ``entries`` also keeps ∂L/∂W ⊙ D."""
-    device = next(model.parameters()).device
+    from fgsn_daemon.activations import input_device
+
+    device = input_device(model)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, d in deltas.items():
         module, kind = _split_name(name)
-        by_module.setdefault(module, {})[kind] = d.to(device=device, dtype=torch.float32)
+        by_module.setdefault(module, {})[kind] = d.to(dtype=torch.float32)
+    # each module's deltas and gradient accumulators live where the module computes (a device map
+    # may spread the layers over several devices); moved there once, on first use
+    resident: dict[str, dict[str, torch.Tensor]] = {}
     out = DeltaEffects()
     grads: dict[str, torch.Tensor] = {}
+    keep_entries: set[str] = set()
     for name, d in deltas.items():
         out.rows[name] = torch.zeros(d.shape[0], dtype=torch.float64)
         if d.dim() == 2:
             out.cols[name] = torch.zeros(d.shape[1], dtype=torch.float64)
             if entries:
-                grads[name] = torch.zeros(d.shape, dtype=torch.float32, device=device)
+                keep_entries.add(name)
 
     def accumulate(module_name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         x32, g32 = x.to(torch.float32), g.to(torch.float32)
-        parts = by_module[module_name]
+        parts = resident.get(module_name)
+        if parts is None or next(iter(parts.values())).device != g32.device:
+            parts = {k: t.to(g32.device) for k, t in by_module[module_name].items()}
+            resident[module_name] = parts
         w = parts.get("weight")
         if w is not None:
             name = f"{module_name}.weight"
-            if name in grads:  # rows and columns follow from the entries at the end: one matmul here
+            if name in keep_entries:  # rows and columns follow from the entries at the end: one matmul here
+                if name not in grads:
+                    grads[name] = torch.zeros(w.shape, dtype=torch.float32, device=g32.device)
                 grads[name] += torch.einsum("bto,bti->oi", g32, x32)
             else:
                 out.rows[name] += (g32 * (x32 @ w.T)).sum(dim=(0, 1)).double().cpu()
@@ -181,7 +192,7 @@ def delta_effects(
                 inputs = embed(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
                 shift_logits = logits[:, :-1].float()
-                shift_labels = labels[:, 1:]
+                shift_labels = labels[:, 1:].to(shift_logits.device)
                 nll = torch.nn.functional.cross_entropy(
                     shift_logits.reshape(-1, shift_logits.shape[-1]),
                     shift_labels.reshape(-1),
@@ -196,8 +207,10 @@ def delta_effects(
             p.requires_grad_(r)
         model.train(was_training)
     out.sequences = n_seq
-    for name, g in grads.items():
-        effect = (g * by_module[_split_name(name)[0]]["weight"]).cpu()
+    for name in sorted(keep_entries):
+        d = by_module[_split_name(name)[0]]["weight"]
+        g = grads.get(name, torch.zeros(d.shape, dtype=torch.float32))  # no token reached the module
+        effect = (g * d.to(g.device)).cpu()
         out.entries[name] = effect
         out.rows[name] = effect.double().sum(dim=1)
         out.cols[name] = effect.double().sum(dim=0)

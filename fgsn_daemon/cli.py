@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fgsn_daemon import defaults
-from fgsn_daemon.errors import FGSNError
+from fgsn_daemon.errors import ConfigError, FGSNError
 from fgsn_daemon.records import parse_band
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained safety neuron projection.")
@@ -48,6 +49,16 @@ def apply(
     benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device_map: Annotated[
+        str,
+        typer.Option(help="spread models over devices: none | auto | balanced | sequential (accelerate)"),
+    ] = "none",
+    compute_dtype: Annotated[
+        str, typer.Option(help="scoring models' dtype: float32 | bfloat16 | float16")
+    ] = "float32",
+    offload_dir: Annotated[
+        Path | None, typer.Option(help="where a device map offloads weights that fit nowhere")
+    ] = None,
     preset: Annotated[
         str, typer.Option(help=f"named setting: {' | '.join(defaults.PRESETS)} (options below override it)")
     ] = defaults.DEFAULT_PRESET,
@@ -90,10 +101,23 @@ def apply(
     as_json: Annotated[bool, typer.Option("--json", help="print the full result record as JSON")] = False,
 ) -> None:
     """Find one dimension's safety neurons, project them, and write a loadable checkpoint."""
+    import torch
+
+    from fgsn_daemon.activations import Placement
     from fgsn_daemon.engine import FGSNParams, apply_dimension
     from fgsn_daemon.prompts import load_prompts
 
     try:
+        maps = ("none", "auto", "balanced", "balanced_low_0", "sequential")
+        if device_map not in maps:
+            raise ConfigError(f"--device-map must be one of {', '.join(maps)} (got {device_map!r})")
+        if compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--compute-dtype must be float32, bfloat16 or float16 (got {compute_dtype!r})")
+        scratch = None
+        if device_map != "none" and offload_dir is None:  # offloaded weights: removed when done
+            scratch = tempfile.TemporaryDirectory(prefix="fgsn-offload-")
+            offload_dir = Path(scratch.name)
+        placement = None if device_map == "none" else Placement(device_map, None, offload_dir)
         given = {
             "scoring": scoring,
             "operator": operator,
@@ -133,9 +157,13 @@ def apply(
             out,
             params=params,
             device=device,
+            placement=placement,
+            dtype=getattr(torch, compute_dtype),
             max_shard_bytes=max_shard_mb * 1024 * 1024,
             progress=None if as_json else lambda msg: typer.echo(f"... {msg}", err=True),
         )
+        if scratch is not None:
+            scratch.cleanup()
     except FGSNError as exc:
         _fail(str(exc))
         return

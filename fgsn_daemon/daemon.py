@@ -290,7 +290,13 @@ class Daemon:
             s = self.settings
             benign = load_prompts(s.benign) if s.benign is not None else bundled_benign("train")
             self.localiser = Localiser(
-                trio, engine_params(s), resolve_device(s.device), benign, progress=self.progress
+                trio,
+                engine_params(s),
+                resolve_device(s.device),
+                benign,
+                progress=self.progress,
+                placement=s.placement(),
+                dtype=s.torch_dtype(),
             )
         return self.localiser
 

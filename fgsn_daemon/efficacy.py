@@ -92,11 +92,12 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
     benign_all = load_prompts(spec.benign)
     benign_train = spread(benign_all, max_benign_train)
     used = set(benign_train)
-    benign_eval = (
-        [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
-        if split == "selection"
-        else load_prompts(spec.benign_eval)
-    )
+    if split == "report":
+        benign_eval = load_prompts(spec.benign_eval)
+    elif spec.benign_selection is not None:
+        benign_eval = load_prompts(spec.benign_selection)
+    else:
+        benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
     return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility))
 

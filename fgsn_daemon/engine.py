@@ -22,9 +22,11 @@ import torch
 from fgsn_daemon import defaults
 from fgsn_daemon.activations import (
     ActivationStats,
+    Placement,
     collect_stats,
     load_model,
     load_tokenizer,
+    offloaded_parameters,
     resolve_device,
 )
 from fgsn_daemon.architectures import ArchitectureSpec, spec_for_config
@@ -283,12 +285,29 @@ def unit_tensors(
     }
 
 
-def load_scoring_model(trio: ModelTrio, which: str, device: torch.device) -> Any:
-    """The model whose activations are scored; a LoRA fine-tune is merged in memory."""
+def _resident(model: Any, what: str) -> None:
+    """In-place edits need every weight in device memory; offloaded ones live elsewhere."""
+    offloaded = offloaded_parameters(model)
+    if offloaded:
+        raise ConfigError(
+            f"{what} edits weights in memory, but the device map offloaded {len(offloaded)} of them "
+            f"(e.g. {offloaded[0]}) to CPU or disk: give the model more devices or max_memory"
+        )
+
+
+def load_scoring_model(
+    trio: ModelTrio,
+    which: str,
+    device: torch.device,
+    placement: Placement | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """The model whose activations are scored (in ``dtype``); a LoRA fine-tune is merged in memory."""
     if which == "aligned" or not isinstance(trio.finetuned, LoraFinetuned):
         path = trio.aligned.path if which == "aligned" else trio.finetuned.path
-        return load_model(path, device)
-    model = load_model(trio.aligned.path, device)
+        return load_model(path, device, dtype, placement)
+    model = load_model(trio.aligned.path, device, dtype, placement)
+    _resident(model, "merging a LoRA fine-tune")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in trio.finetuned.modules:
@@ -320,11 +339,16 @@ class Localiser:
     _ft_answers: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
+    placement: Placement | None = None  # spread the models over devices (accelerate device_map)
+    # the scoring models' compute dtype (bfloat16 halves GPU memory; effects accumulate in float32)
+    dtype: torch.dtype = torch.float32
 
     def ensure_model(self) -> None:
         if self.model is None:
             self.progress("loading scoring model")
-            self.model = load_scoring_model(self.trio, self.params.score_model, self.device)
+            self.model = load_scoring_model(
+                self.trio, self.params.score_model, self.device, self.placement, self.dtype
+            )
             self.tokenizer = load_tokenizer(self.trio.aligned.path)
 
     def collect(self, prompts: Sequence[str], layers: Sequence[int], curve: bool = False) -> ActivationStats:
@@ -414,7 +438,9 @@ class Localiser:
         if self.params.score_model == "aligned":
             return self.model
         if self._aligned_model is None:
-            self._aligned_model = load_scoring_model(self.trio, "aligned", self.device)
+            self._aligned_model = load_scoring_model(
+                self.trio, "aligned", self.device, self.placement, self.dtype
+            )
         return self._aligned_model
 
     def _finetuned(self) -> Any:
@@ -424,7 +450,9 @@ class Localiser:
             return self.model
         if self._ft_model is None:
             self.progress("loading the fine-tuned model (attribution)")
-            self._ft_model = load_scoring_model(self.trio, "finetuned", self.device)
+            self._ft_model = load_scoring_model(
+                self.trio, "finetuned", self.device, self.placement, self.dtype
+            )
         return self._ft_model
 
     def attribution_layers(self) -> list[int]:
@@ -864,6 +892,8 @@ def restored_in_memory(
     """Restore entries (``masks``) or neuron slices (``slices``) of a loaded fine-tuned model to
     their aligned values in place; put the fine-tuned values back on exit."""
     masks, slices = masks or {}, slices or {}
+    if masks or slices:
+        _resident(model, "an in-memory restore (over-refusal guard, iterative steps, evaluation)")
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -1010,6 +1040,8 @@ def apply_dimension(
     device: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    placement: Placement | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ApplyResult:
     """The one-shot pipeline: localise this dimension's neurons, project them, write ``out``."""
     params = params or FGSNParams()
@@ -1019,7 +1051,15 @@ def apply_dimension(
     staging = prepare_output_dir(out_path) if out_path is not None else None
     trio = ModelTrio.open(base, aligned, finetuned)
     try:
-        loc = Localiser(trio, params, dev, benign_prompts, progress=progress or (lambda _m: None))
+        loc = Localiser(
+            trio,
+            params,
+            dev,
+            benign_prompts,
+            progress=progress or (lambda _m: None),
+            placement=placement,
+            dtype=dtype,
+        )
         masks: dict[str, torch.Tensor] | None = None
         if params.unit == "entry":
             if frozen:

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fgsn_daemon.activations import format_prompts, load_model, load_tokenizer, resolve_device
+from fgsn_daemon.activations import format_prompts, input_device, load_model, load_tokenizer, resolve_device
 from fgsn_daemon.checkpoint import Checkpoint
 from fgsn_daemon.errors import PromptFileError
 from fgsn_daemon.prompts import load_prompts
@@ -174,7 +174,7 @@ def generate_responses(
         tokenizer.pad_token = tokenizer.eos_token
     templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     texts = format_prompts(tokenizer, prompts, use_chat_template)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[str] = []
     for start in range(0, len(texts), batch_size):
         # the chat template already carries any BOS; adding special tokens again would double it

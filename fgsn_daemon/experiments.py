@@ -76,6 +76,9 @@ class TrioSpec:
     benign: Path  # shared benign prompts for localisation
     benign_eval: Path  # held-out benign prompts for over-refusal
     utility_eval: Path  # held-out utility items (prompt + integer answer)
+    # benign prompts for the selection split's over-refusal (same distribution as benign_eval,
+    # disjoint from it); None = the benign prompts the scoring did not use
+    benign_selection: Path | None = None
 
 
 def bundled_data_file(name: str) -> Path:
@@ -99,6 +102,7 @@ def trio_from_root(root: Path) -> TrioSpec:
         bundled_data_file("benign.jsonl"),
         bundled_data_file("benign_eval.jsonl"),
         bundled_data_file("utility_eval.jsonl"),
+        bundled_data_file("benign_selection.jsonl"),
     )
 
 
@@ -1115,9 +1119,11 @@ def root_spec(tiny: int | None, trio_root: Path | None) -> TrioSpec | None:
 
 def resolve_trio(args: argparse.Namespace) -> TrioSpec:
     spec = root_spec(args.tiny, args.trio_root)
-    overrides = {k: getattr(args, k) for k in asdict(spec or TrioSpec(*[Path()] * 7)) if getattr(args, k)}
+    fields = asdict(spec or TrioSpec(*[Path()] * 7))
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None)}
     if spec is None:
-        missing = [k for k in TrioSpec.__dataclass_fields__ if k not in overrides]
+        optional = {"benign_selection"}
+        missing = [k for k in TrioSpec.__dataclass_fields__ if k not in overrides and k not in optional]
         if missing:
             raise ConfigError(
                 f"without --trio-root/--tiny, give --{', --'.join(m.replace('_', '-') for m in missing)}"

@@ -35,6 +35,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from fgsn_daemon import defaults
+from fgsn_daemon.activations import Placement
 from fgsn_daemon.errors import ConfigError
 
 CONFIG_ENV_VAR = "FGSN_CONFIG"
@@ -152,11 +153,23 @@ class Settings(BaseSettings):
     # None means "SQLite file in state_dir"; read the resolved value from database_url_value().
     database_url: SecretStr | None = None
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")] = "auto"
+    # Models larger than one device: accelerate's device_map for the scoring models ("none" = all on
+    # `device`); max_memory per device (e.g. {"0" = "70GiB", "cpu" = "100GiB"}); weights that do not
+    # fit go to offload_dir (default: state_dir/offload). Offloaded weights cannot be edited in
+    # memory, so a LoRA fine-tune, the guard and iterative steps need them resident.
+    device_map: Literal["none", "auto", "balanced", "balanced_low_0", "sequential"] = "none"
+    # the scoring models' compute dtype: bfloat16 halves GPU memory (edits are still computed in
+    # float64 and written in the checkpoint's own dtype)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_memory: dict[str, str] | None = None
+    offload_dir: Path | None = None
     params: FGSNParams = Field(default_factory=FGSNParams)
     scan_interval_s: float = Field(default=10.0, gt=0)
     settle_s: float = Field(default=5.0, ge=0, description="a policy folder must be unchanged this long")
 
-    @field_validator("base", "aligned", "finetuned", "policy_dir", "state_dir", "benign", "band_reference")
+    @field_validator(
+        "base", "aligned", "finetuned", "policy_dir", "state_dir", "benign", "band_reference", "offload_dir"
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         # Absolute paths, so the CLI run from another directory finds the same state.
@@ -177,6 +190,20 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = SecretStr(f"sqlite:///{self.state_dir / REGISTRY_FILE_NAME}")
         return self
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
+    def placement(self) -> Placement | None:
+        """The device map the scoring models are loaded with; None = one device."""
+        if self.device_map == "none":
+            return None
+        memory: dict[str | int, str] | None = None
+        if self.max_memory is not None:
+            memory = {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        return Placement(self.device_map, memory, self.offload_dir or self.state_dir / "offload")
 
     def database_url_value(self) -> str:
         """The database URL in clear, for connecting (never print it)."""

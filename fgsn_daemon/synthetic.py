@@ -320,6 +320,15 @@ def benign_prompts(
     return train, held_out
 
 
+def benign_selection(seed: int = SEED) -> list[BenignPrompt]:
+    """Every held-out-phrase prompt the eval set does not use: an over-refusal measure for choosing
+    settings that shares the eval set's distribution (unseen frames and fillers) and is disjoint
+    from it. The train-pool leftovers would not do: they share the scoring prompts' phrases."""
+    _, held_out = benign_prompts(seed)
+    used = {p.prompt for p in held_out}
+    return [BenignPrompt(t, f.name) for f in FAMILIES for t in family_pools(f)[1] if t not in used]
+
+
 # ---- utility task: topic codes --------------------------------------------------------------
 
 
@@ -857,6 +866,9 @@ def data_files(seed: int = SEED) -> dict[str, bytes]:
     return {
         "benign.jsonl": _jsonl({"prompt": p.prompt, "category": p.category} for p in benign_train),
         "benign_eval.jsonl": _jsonl({"prompt": p.prompt, "category": p.category} for p in benign_eval),
+        "benign_selection.jsonl": _jsonl(
+            {"prompt": p.prompt, "category": p.category} for p in benign_selection(seed)
+        ),
         "utility_train.jsonl": utility(util_train),
         "utility_eval.jsonl": utility(util_eval),
     }

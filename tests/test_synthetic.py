@@ -37,6 +37,16 @@ def test_benign_sizes_disjoint_and_unique() -> None:
     )
 
 
+def test_selection_benign_set_is_held_out_phrasing_disjoint_from_every_bundled_set() -> None:
+    train, held_out = synthetic.benign_prompts()
+    selection = synthetic.benign_selection()
+    texts = [p.prompt for p in selection]
+    assert len(texts) == len(set(texts)) >= 100
+    assert set(texts).isdisjoint(p.prompt for p in train + held_out)
+    held_pools = {t for f in synthetic.FAMILIES for t in synthetic.family_pools(f)[1]}
+    assert set(texts) <= held_pools  # unseen frames or fillers, like the eval set
+
+
 def test_family_pools_hold_out_frames_and_fillers() -> None:
     for family in synthetic.FAMILIES:
         train, held_out = synthetic.family_pools(family)
@@ -147,6 +157,7 @@ def test_write_data_counts(tmp_path: Path) -> None:
     assert counts == {
         "benign.jsonl": 200,
         "benign_eval.jsonl": 100,
+        "benign_selection.jsonl": 380,
         "utility_train.jsonl": 400,
         "utility_eval.jsonl": 200,
     }
