@@ -62,12 +62,57 @@ def unused_pools(bundled: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return train, held
 
 
-def parse_grid(text: str) -> list[tuple[float, str, float]]:
+def parse_grid(text: str) -> list[tuple[float, str, float, int, float]]:
+    """BUDGET:{o|c}LAMBDA[:hROUNDSxMU] items."""
     out = []
     for item in text.split(","):
-        budget, contrast = item.split(":")
-        out.append((float(budget), contrast[0], float(contrast[1:])))
+        budget, contrast, *hard = item.split(":")
+        rounds, mu = (int(hard[0][1:].split("x")[0]), float(hard[0].split("x")[1])) if hard else (0, 0.0)
+        out.append((float(budget), contrast[0], float(contrast[1:]), rounds, mu))
     return out
+
+
+def hard_negative_masks(
+    loc: Any,
+    model: Any,
+    trio: Any,
+    gain: dict[str, torch.Tensor],
+    cost: dict[str, torch.Tensor],
+    penalty: dict[str, torch.Tensor],
+    lam: float,
+    budget: int,
+    calibration: list[str],
+    rounds: int,
+    mu: float,
+) -> dict[str, torch.Tensor]:
+    """Select, find the calibration prompts the edited model refuses, add the effect of reverting
+    each entry on *those* refusals (the edited model's own words, measured at the fine-tuned
+    weights) to the penalty with weight ``mu``, and select again; ``rounds`` times."""
+    from fgsn_daemon.evaluation import generate_responses
+    from fgsn_daemon.refusal import KeywordJudge
+
+    names = sorted(gain)
+    masks = select_entries(gain, cost, budget, 0.0, penalty, lam)
+    hard: dict[str, torch.Tensor] | None = None
+    for r in range(rounds):
+        with restored_in_memory(model, trio, masks=masks):
+            answers = generate_responses(model, loc.tokenizer, calibration, 16, 32)
+        refused = KeywordJudge().judge(calibration, answers)
+        pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
+        LOG.info(
+            "hard negatives round %d: %d of %d calibration prompts refused",
+            r + 1,
+            len(pairs),
+            len(calibration),
+        )
+        if not pairs:
+            break
+        eff = loc._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
+        h = {n: -eff.entries[n] for n in names}
+        hard = h if hard is None else {n: hard[n] + h[n] for n in names}
+        combined = {n: lam * penalty[n] + mu * hard[n] for n in names}
+        masks = select_entries(gain, cost, budget, 0.0, combined, 1.0)
+    return masks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +192,19 @@ def main(argv: list[str] | None = None) -> int:
             record("aligned", loc._aligned(), {"pool": 0})
         gain = {n: -harm.entries[n] for n in sorted(harm.entries)}
         cost = {n: benign.entries[n] for n in gain}
-        for budget, kind, lam in parse_grid(args.grid):
+        calibration = list(dict.fromkeys(load_prompts(spec.benign) + contrast_prompts))
+        for budget, kind, lam, rounds, mu in parse_grid(args.grid):
             penalty = contrast_penalty(refusal, benign, list(gain), "odds" if kind == "o" else "refusal")
-            masks = select_entries(gain, cost, int(total * budget / 100), 0.0, penalty, lam)
-            name = f"entry/{budget:g}%/{kind}{lam:g}/pool{len(contrast_prompts)}"
+            assert penalty is not None
+            n_budget = int(total * budget / 100)
+            if rounds:
+                masks = hard_negative_masks(
+                    loc, model, trio, gain, cost, penalty, lam, n_budget, calibration, rounds, mu
+                )
+            else:
+                masks = select_entries(gain, cost, n_budget, 0.0, penalty, lam)
+            hard = f"/hard{rounds}x{mu:g}" if rounds else ""
+            name = f"entry/{budget:g}%/{kind}{lam:g}{hard}/pool{len(contrast_prompts)}"
             with restored_in_memory(model, trio, masks=masks):
                 fields = {"pool": len(contrast_prompts), "budget": budget, "contrast": f"{kind}{lam:g}"}
                 record(name, model, fields)
