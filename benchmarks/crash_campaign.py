@@ -1,7 +1,7 @@
 """The long form of the random-crash campaign (issue 10): a real daemon subprocess over a tiny
 random trio, three stages of policy changes (two new dimensions; a third one plus a changed
 revision; a rollback), SIGKILLed at seeded random moments and restarted until each stage drains,
-with the invariants of ``fgsn_daemon.reliability`` checked after every kill and at the end of
+with the invariants of ``fgsn_daemon.service.reliability`` checked after every kill and at the end of
 every round; then every named fault point once (``tests/test_faults.py``'s plan).
 
     python benchmarks/crash_campaign.py --kills 200 --seed 0 --out benchmarks/results/crash-campaign
@@ -38,7 +38,7 @@ def main() -> None:
     from helpers import make_trio
     from test_faults import PLAN
 
-    from fgsn_daemon.reliability import Campaign
+    from fgsn_daemon.service.reliability import Campaign
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fgsn-crash-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def make_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fgsn_daemon.policy import bundled_benign
+    from fgsn_daemon.core.policy import bundled_benign
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,11 +102,11 @@ root, device_name, dtype_name = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 band_lo, band_hi, n, unit, budget, entries = (int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]),
                                               sys.argv[8], float(sys.argv[9]), sys.argv[10] == "1")
 state_dir, refusal, scope = Path(sys.argv[11]), sys.argv[12], sys.argv[13]
-from fgsn_daemon.activations import format_prompts
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, entry_selection
-from fgsn_daemon.policy import bundled_benign, bundled_policies_dir, load_dimension
-from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionStore
+from fgsn_daemon.engine.activations import format_prompts
+from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio, entry_selection
+from fgsn_daemon.core.policy import bundled_benign, bundled_policies_dir, load_dimension
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.service.versions import VersionStore
 
 device = torch.device(device_name)
 cuda = device.type == "cuda"

@@ -78,8 +78,8 @@ band_layers = [1, 2]
 indices = list(range(0, intermediate, 20))  # 5% of the neurons in each band layer
 t0 = time.perf_counter()
 if mode == "streaming":
-    from fgsn_daemon.engine import ModelTrio, write_edited_checkpoint
-    from fgsn_daemon.records import Band
+    from fgsn_daemon.engine.pipeline import ModelTrio, write_edited_checkpoint
+    from fgsn_daemon.core.records import Band
     trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
     neurons = {(l, "mlp"): indices for l in band_layers}
     band = Band(start=1, end=2, source="override")
@@ -87,7 +87,7 @@ if mode == "streaming":
                             max_shard_bytes=256 * 1024**2)
 else:
     from safetensors.torch import load_file, save_file
-    from fgsn_daemon.projection import Operator, TensorTriple, project_tensor
+    from fgsn_daemon.engine.projection import Operator, TensorTriple, project_tensor
     sd = {k: load_file(str(root / k / "model.safetensors")) for k in ("base", "aligned", "finetuned")}
     out = dict(sd["finetuned"])
     for l in band_layers:
@@ -142,7 +142,7 @@ def main() -> None:
 
 def measure_import_only() -> float:
     code = (
-        "import torch, fgsn_daemon.engine\n"
+        "import torch, fgsn_daemon.engine.pipeline\n"
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)"
     )
     return float(

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from fgsn_daemon.evaluation import evaluate_loaded, load_policy_eval_sets
-from fgsn_daemon.policy import bundled_policies_dir
+from fgsn_daemon.core.policy import bundled_policies_dir
+from fgsn_daemon.engine.evaluation import evaluate_loaded, load_policy_eval_sets
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from fgsn_daemon import lab
-from fgsn_daemon.activations import format_prompts
-from fgsn_daemon.evaluation import EvalReport, evaluate_loaded, load_policy_eval_sets, load_utility
-from fgsn_daemon.prompts import load_prompts
+from fgsn_daemon.core.prompts import load_prompts
+from fgsn_daemon.engine.activations import format_prompts
+from fgsn_daemon.engine.evaluation import EvalReport, evaluate_loaded, load_policy_eval_sets, load_utility
+from fgsn_daemon.lab import organism as lab
 
 
 @torch.inference_mode()

@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 
-from fgsn_daemon.activations import load_tokenizer, resolve_device
-from fgsn_daemon.delta_selection import select_entries
-from fgsn_daemon.efficacy import (
+from fgsn_daemon.core.prompts import load_prompts
+from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
+from fgsn_daemon.engine.delta_selection import select_entries
+from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio, contrast_penalty, restored_in_memory
+from fgsn_daemon.lab.efficacy import (
     EvalSets,
     effects_key,
     evaluate,
@@ -42,10 +44,8 @@ from fgsn_daemon.efficacy import (
     random_entries,
     save_effects,
 )
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio, contrast_penalty, restored_in_memory
-from fgsn_daemon.experiments import root_spec
-from fgsn_daemon.prompts import load_prompts
-from fgsn_daemon.synthetic import FAMILIES, family_pools
+from fgsn_daemon.lab.experiments import root_spec
+from fgsn_daemon.lab.synthetic import FAMILIES, family_pools
 
 LOG = logging.getLogger("overrefusal_probe")
 
@@ -88,8 +88,8 @@ def hard_negative_masks(
     """Select, find the calibration prompts the edited model refuses, add the effect of reverting
     each entry on *those* refusals (the edited model's own words, measured at the fine-tuned
     weights) to the penalty with weight ``mu``, and select again; ``rounds`` times."""
-    from fgsn_daemon.evaluation import generate_responses
-    from fgsn_daemon.refusal import KeywordJudge
+    from fgsn_daemon.engine.evaluation import generate_responses
+    from fgsn_daemon.engine.refusal import KeywordJudge
 
     names = sorted(gain)
     masks = select_entries(gain, cost, budget, 0.0, penalty, lam)

@@ -41,9 +41,9 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(2)
 root, band_lo, band_hi, n = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-from fgsn_daemon.activations import format_prompts
-from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
-from fgsn_daemon.policy import bundled_benign
+from fgsn_daemon.engine.activations import format_prompts
+from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+from fgsn_daemon.core.policy import bundled_benign
 
 prompts = bundled_benign("train")[:n]
 trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
@@ -81,9 +81,9 @@ torch.set_num_threads(2)
 phase, root, state = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 band_lo, band_hi = int(sys.argv[5]), int(sys.argv[6])
 t0 = time.perf_counter()
-from fgsn_daemon.engine import ModelTrio
-from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionStore
+from fgsn_daemon.engine.pipeline import ModelTrio
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.service.versions import VersionStore
 
 band = Band(start=band_lo, end=band_hi, source="override")
 def neurons(trio, offset):
@@ -175,7 +175,7 @@ def new_bytes(folder: Path) -> int:
 
 
 def band_bytes(root: Path, band: tuple[int, int]) -> int:
-    from fgsn_daemon.engine import ModelTrio
+    from fgsn_daemon.engine.pipeline import ModelTrio
 
     trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
     try:
@@ -195,7 +195,7 @@ def band_bytes(root: Path, band: tuple[int, int]) -> int:
 def import_baseline() -> float:
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "import torch, fgsn_daemon.engine, fgsn_daemon.versions\n"
+        "import torch, fgsn_daemon.engine.pipeline, fgsn_daemon.service.versions\n"
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)"
     )
     return float(

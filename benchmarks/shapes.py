@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fgsn_daemon.checkpoint import INDEX_NAME, shard_filename  # noqa: E402
-from fgsn_daemon.safetensors_io import PlannedTensor, TensorInfo, write_shard  # noqa: E402
+from fgsn_daemon.engine.io.checkpoint import INDEX_NAME, shard_filename  # noqa: E402
+from fgsn_daemon.engine.io.safetensors_io import PlannedTensor, TensorInfo, write_shard  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Alembic environment, run from code (fgsn_daemon.registry.db) on a connection it passes in.
+"""Alembic environment, run from code (fgsn_daemon.service.registry.db) on a connection it passes in.
 
 No logging set-up here on purpose: ``fileConfig`` would clobber the daemon's logging.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from fgsn_daemon.registry.models import Base
+from fgsn_daemon.service.registry.models import Base
 
 target_metadata = Base.metadata
 
@@ -19,7 +19,7 @@ def run_migrations() -> None:
         # Plain `alembic` command line: use the URL from the config (sqlalchemy.url).
         url = context.config.get_main_option("sqlalchemy.url")
         if not url:
-            raise RuntimeError("run migrations through fgsn_daemon.registry.db, or set sqlalchemy.url")
+            raise RuntimeError("run migrations through fgsn_daemon.service.registry.db, or set sqlalchemy.url")
         engine = create_engine(url)
         with engine.begin() as own_connection:
             _configure_and_run(own_connection)

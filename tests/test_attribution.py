@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, make_trio
 
-from fgsn_daemon.activations import load_model, load_tokenizer
-from fgsn_daemon.attribution import delta_effects, encode_targets
-from fgsn_daemon.checkpoint import Checkpoint
+from fgsn_daemon.engine.activations import load_model, load_tokenizer
+from fgsn_daemon.engine.attribution import delta_effects, encode_targets
+from fgsn_daemon.engine.io.checkpoint import Checkpoint
 
 RESPONSES = ["i do not help", "tell story about cats", "plan trip", "sum numbers", "write poem"] * 2
 
@@ -136,7 +136,7 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("steps", [1, 2], ids=["one-shot", "iterative"])
 def test_apply_with_entry_units_restores_only_selected_entries(trio, tmp_path, steps):
-    from fgsn_daemon.engine import FGSNParams, apply_dimension
+    from fgsn_daemon.engine.pipeline import FGSNParams, apply_dimension
 
     params = FGSNParams(
         scoring="attribution",
@@ -174,7 +174,7 @@ def test_apply_with_entry_units_restores_only_selected_entries(trio, tmp_path, s
 
 
 def test_apply_with_a_global_budget_spends_at_most_the_budget_over_all_layers(trio, tmp_path):
-    from fgsn_daemon.engine import FGSNParams, apply_dimension
+    from fgsn_daemon.engine.pipeline import FGSNParams, apply_dimension
 
     params = FGSNParams(
         scoring="attribution", operator="restore", allocation="global", budget=5.0, p=0.0, contrast=0.0
@@ -189,8 +189,8 @@ def test_apply_with_a_global_budget_spends_at_most_the_budget_over_all_layers(tr
 
 
 def test_attribution_settings_are_validated():
-    from fgsn_daemon.engine import FGSNParams
-    from fgsn_daemon.errors import ConfigError
+    from fgsn_daemon.core.errors import ConfigError
+    from fgsn_daemon.engine.pipeline import FGSNParams
 
     # allocation and unit belong to attribution: an activation scoring selects neurons per layer
     assert FGSNParams(scoring="contrast", allocation="global", unit="entry").allocation == "per_layer"
@@ -201,8 +201,8 @@ def test_attribution_settings_are_validated():
 
 
 def test_benign_refusal_targets_pair_benign_prompts_with_the_aligned_refusals_round_robin():
-    from fgsn_daemon.engine import benign_refusal_targets
-    from fgsn_daemon.errors import FGSNError
+    from fgsn_daemon.core.errors import FGSNError
+    from fgsn_daemon.engine.pipeline import benign_refusal_targets
 
     harmful = ["h1", "h2", "h3"]
     responses = ["I'm sorry, but I can't help with that.", "Sure, here is how", "I cannot assist with this."]
@@ -214,8 +214,8 @@ def test_benign_refusal_targets_pair_benign_prompts_with_the_aligned_refusals_ro
 
 def test_a_refusal_contrast_without_any_aligned_refusal_is_a_clear_error(trio, tmp_path):
     """The random trio's aligned model never refuses: the contrast has nothing to contrast with."""
-    from fgsn_daemon.engine import FGSNParams, apply_dimension
-    from fgsn_daemon.errors import FGSNError
+    from fgsn_daemon.core.errors import FGSNError
+    from fgsn_daemon.engine.pipeline import FGSNParams, apply_dimension
 
     params = FGSNParams(
         scoring="attribution", operator="restore", unit="entry", budget=1.0, contrast=1.0, batch_size=4
@@ -233,8 +233,8 @@ def test_iterative_entry_selection_starts_with_the_one_shot_step_and_spends_the_
     the edited weights, add only new entries, and the whole run is deterministic."""
     from dataclasses import replace
 
-    from fgsn_daemon.engine import FGSNParams, Localiser, ModelTrio
-    from fgsn_daemon.errors import ConfigError
+    from fgsn_daemon.core.errors import ConfigError
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
 
     params = FGSNParams(
         scoring="attribution",
@@ -272,8 +272,8 @@ def test_iterative_entry_selection_starts_with_the_one_shot_step_and_spends_the_
 
 
 def test_contrast_penalty_of_each_kind():
-    from fgsn_daemon.attribution import DeltaEffects
-    from fgsn_daemon.engine import contrast_penalty
+    from fgsn_daemon.engine.attribution import DeltaEffects
+    from fgsn_daemon.engine.pipeline import contrast_penalty
 
     refusal = DeltaEffects(entries={"w": torch.tensor([[-2.0, 1.0]])})  # reverting lowers refusal NLL: -2
     answers = DeltaEffects(entries={"w": torch.tensor([[0.5, -0.5]])})  # ... and raises the answer's: +0.5

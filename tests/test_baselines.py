@@ -9,7 +9,10 @@ import torch
 from helpers import make_trio
 from safetensors.torch import load_file
 
-from fgsn_daemon.baselines import (
+from fgsn_daemon.core.errors import ConfigError, FGSNError
+from fgsn_daemon.core.records import Band, NeuronId
+from fgsn_daemon.engine.pipeline import ModelTrio
+from fgsn_daemon.lab.baselines import (
     DEFAULT_MODULES,
     linear_modules,
     neuron_counts,
@@ -19,9 +22,6 @@ from fgsn_daemon.baselines import (
     restore_band,
     safe_lora,
 )
-from fgsn_daemon.engine import ModelTrio
-from fgsn_daemon.errors import ConfigError, FGSNError
-from fgsn_daemon.records import Band, NeuronId
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -22,7 +22,11 @@ def setup(tmp_path_factory):
 def fgsn(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "fgsn_daemon.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "fgsn_daemon.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 

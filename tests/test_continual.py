@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import random
 
-from fgsn_daemon.continual import assign_claims, neurons_by_unit, owners
-from fgsn_daemon.records import NeuronId
+from fgsn_daemon.core.records import NeuronId
+from fgsn_daemon.engine.continual import assign_claims, neurons_by_unit, owners
 
 
 def n(i: int, layer: int = 3) -> NeuronId:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import make_trio
 
-from fgsn_daemon.reliability import Campaign
+from fgsn_daemon.service.reliability import Campaign
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["conftest_registry"]

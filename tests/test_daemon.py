@@ -18,9 +18,9 @@ import torch
 from helpers import make_trio
 from safetensors.torch import load_file
 
-from fgsn_daemon.records import NeuronId
-from fgsn_daemon.registry import Registry
-from fgsn_daemon.registry.models import RevisionStatus
+from fgsn_daemon.core.records import NeuronId
+from fgsn_daemon.service.registry import Registry
+from fgsn_daemon.service.registry.models import RevisionStatus
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["conftest_registry"]  # the registry_url fixture: SQLite and PostgreSQL
@@ -78,7 +78,7 @@ def fgsn(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fgsn_daemon.cli", *args],
+        [sys.executable, "-m", "fgsn_daemon.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -148,7 +148,7 @@ def running_daemon(
     exit, which must stop it cleanly (exit 0)."""
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "fgsn_daemon.cli", "run", "--config", str(cfg)],
+            [sys.executable, "-m", "fgsn_daemon.cli.main", "run", "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
@@ -421,14 +421,14 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     assert all(s and s["entry_masks"] and s["entries"] > 0 for s in summaries.values())
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
-    from fgsn_daemon.entry_masks import load_masks, union
+    from fgsn_daemon.engine.entry_masks import load_masks, union
 
     folder = state / "lineage-1" / "entry-masks"
     restored = union([load_masks(folder, s["entry_masks"]) for s in summaries.values()])
     # every entry of the test trio differs between aligned and fine-tuned: changed = the union
     assert all(torch.equal(restored.get(k, torch.zeros_like(m)), m) for k, m in changed.items())
     # ... which is more than each owner's entries inside its own neurons (neuron-level ownership)
-    from fgsn_daemon.entry_masks import load_masks_and_units, restrict_to_neurons
+    from fgsn_daemon.engine.entry_masks import load_masks_and_units, restrict_to_neurons
 
     per_owner = []
     for d, s in summaries.items():

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fgsn_daemon.delta_selection import neurons_of_entries, select_entries, select_global
-from fgsn_daemon.errors import ConfigError
-from fgsn_daemon.localisation import NeuronScores
-from fgsn_daemon.records import NeuronId
-from fgsn_daemon.stats import paired_bootstrap_diff, wilson_interval
+from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.records import NeuronId
+from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
+from fgsn_daemon.engine.delta_selection import neurons_of_entries, select_entries, select_global
+from fgsn_daemon.engine.scorings import NeuronScores
 
 
 def scores_of(gains: dict, costs: dict) -> dict:

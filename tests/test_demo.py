@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import BENIGN, make_trio, write_jsonl
 
-from fgsn_daemon.demo import DemoInputs, format_table, run_demo
+from fgsn_daemon.lab.demo import DemoInputs, format_table, run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import torch
 from helpers import make_trio
 from test_daemon import current_tensors, fgsn, write_config, write_dimension
 
-from fgsn_daemon import checkpoint
-from fgsn_daemon.engine import ModelTrio
-from fgsn_daemon.errors import DiskSpaceError
-from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionStore
+from fgsn_daemon.core.errors import DiskSpaceError
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.engine.io import checkpoint
+from fgsn_daemon.engine.pipeline import ModelTrio
+from fgsn_daemon.service.versions import VersionStore
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def test_a_job_that_lacks_space_fails_clearly_and_succeeds_once_space_is_freed(t
 
 
 def registry_at(root: Path):
-    from fgsn_daemon.registry import Registry
+    from fgsn_daemon.service.registry import Registry
 
     return Registry.open(f"sqlite:///{root / 'registry.db'}", read_only=True)
 

@@ -11,10 +11,10 @@ import torch
 from helpers import BENIGN, FAMILIES, HARMFUL, make_trio
 from safetensors.torch import load_file, save_file
 
-from fgsn_daemon.checkpoint import Checkpoint
-from fgsn_daemon.defaults import preset
-from fgsn_daemon.engine import FGSNParams, ModelTrio, apply_dimension
-from fgsn_daemon.errors import CheckpointError, FGSNError, IncompatibleCheckpointsError
+from fgsn_daemon.core.defaults import preset
+from fgsn_daemon.core.errors import CheckpointError, FGSNError, IncompatibleCheckpointsError
+from fgsn_daemon.engine.io.checkpoint import Checkpoint
+from fgsn_daemon.engine.pipeline import FGSNParams, ModelTrio, apply_dimension
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -275,8 +275,8 @@ def test_bin_only_folder_is_refused(trio, tmp_path):
 
 
 def test_bad_prompt_files(tmp_path):
-    from fgsn_daemon.errors import PromptFileError
-    from fgsn_daemon.prompts import load_prompts
+    from fgsn_daemon.core.errors import PromptFileError
+    from fgsn_daemon.core.prompts import load_prompts
 
     cases = {
         "empty.jsonl": (b"", "empty"),
@@ -343,7 +343,7 @@ def test_cuda_matches_cpu(trio, tmp_path, operator):
 def test_cuda_projection_matches_reference():
     from test_projection import dense_reference, random_triple, rel_err
 
-    from fgsn_daemon.projection import Operator, project_tensor
+    from fgsn_daemon.engine.projection import Operator, project_tensor
 
     t = random_triple(600, 64, seed=11)
     got = project_tensor(Operator.SAFE_LORA, t, 0, [3, 300, 599], device="cuda")

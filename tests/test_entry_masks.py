@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgsn_daemon.entry_masks import (
+from fgsn_daemon.core.errors import FGSNError
+from fgsn_daemon.core.records import NeuronId
+from fgsn_daemon.engine.entry_masks import (
     load_masks,
     load_masks_and_units,
     per_neuron_counts,
@@ -13,8 +15,6 @@ from fgsn_daemon.entry_masks import (
     save_masks,
     union,
 )
-from fgsn_daemon.errors import FGSNError
-from fgsn_daemon.records import NeuronId
 
 UNITS = {"l0.gate": (0, "mlp", 0), "l0.down": (0, "mlp", 1)}
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fgsn_daemon import lab
-from fgsn_daemon.errors import PromptFileError
-from fgsn_daemon.evaluation import (
+from fgsn_daemon.core.errors import PromptFileError
+from fgsn_daemon.engine.evaluation import (
     EvalReport,
     UtilityItem,
     attack_success_rate,
@@ -22,6 +21,7 @@ from fgsn_daemon.evaluation import (
     over_refusal_rate,
     utility_accuracy,
 )
+from fgsn_daemon.lab import organism as lab
 
 
 def test_rates_on_hand_made_flags() -> None:

@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, WORDS, make_trio, write_jsonl
 
-from fgsn_daemon.engine import ModelTrio, band_tensor_names
-from fgsn_daemon.experiments import (
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.engine.pipeline import ModelTrio, band_tensor_names
+from fgsn_daemon.lab.experiments import (
     HarnessConfig,
     Targets,
     TrioSpec,
@@ -28,7 +29,6 @@ from fgsn_daemon.experiments import (
     write_continual,
     write_main,
 )
-from fgsn_daemon.records import Band
 
 DIMS = {
     "violence": (
@@ -106,7 +106,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> HarnessConfig:
 def main_result(
     spec: TrioSpec, cfg: HarnessConfig, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    result = run_main(spec, cfg, "python -m fgsn_daemon.experiments main --test")
+    result = run_main(spec, cfg, "python -m fgsn_daemon.lab.experiments main --test")
     out = tmp_path_factory.mktemp("out")
     write_main(result, out)
     result["_out"] = out
@@ -115,7 +115,7 @@ def main_result(
 
 @pytest.fixture(scope="module")
 def continual_result(spec: TrioSpec, cfg: HarnessConfig) -> dict[str, Any]:
-    return run_continual(spec, cfg, "python -m fgsn_daemon.experiments continual --test")
+    return run_continual(spec, cfg, "python -m fgsn_daemon.lab.experiments continual --test")
 
 
 def rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -272,14 +272,14 @@ def test_asr_rises_marks_only_already_applied_dimensions() -> None:
 
 
 def test_cli_reports_a_missing_trio_clearly(tmp_path: Path) -> None:
-    from fgsn_daemon.errors import ConfigError
+    from fgsn_daemon.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--base"):
         main(["main", "--out", str(tmp_path / "o"), "--policies", str(tmp_path)])
 
 
 def test_config_rejects_unknown_operator(spec: TrioSpec, cfg: HarnessConfig) -> None:
-    from fgsn_daemon.errors import ConfigError
+    from fgsn_daemon.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="operator"):
         run_main(spec, replace(cfg, operators=("bogus",)), "x")

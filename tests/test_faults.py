@@ -1,6 +1,6 @@
 """A real daemon subprocess killed at every named fault point, one after another in one state
 folder, with the invariants checked after each kill and the end state compared bit for bit with an
-uninterrupted run (see ``fgsn_daemon.reliability``)."""
+uninterrupted run (see ``fgsn_daemon.service.reliability``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import make_trio
 
-from fgsn_daemon.faults import POINTS, fault_point
-from fgsn_daemon.reliability import Campaign
+from fgsn_daemon.core.faults import POINTS, fault_point
+from fgsn_daemon.service.reliability import Campaign
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fgsn_daemon"
 

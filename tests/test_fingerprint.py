@@ -4,7 +4,7 @@ import shutil
 
 from helpers import make_trio
 
-from fgsn_daemon.daemon import folder_fingerprint
+from fgsn_daemon.service.daemon import folder_fingerprint
 
 
 def test_same_shapes_different_weights_are_different_lineages(tmp_path):

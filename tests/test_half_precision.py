@@ -17,12 +17,12 @@ import torch
 from helpers import BENIGN, HARMFUL, cast_checkpoint, make_trio
 from safetensors.torch import load_file, save_file
 
-from fgsn_daemon.defaults import preset
-from fgsn_daemon.engine import FGSNParams, ModelTrio, apply_dimension, neuron_slices
-from fgsn_daemon.errors import IncompatibleCheckpointsError
-from fgsn_daemon.precision import round_to
-from fgsn_daemon.projection import Operator, TensorTriple, project_tensor
-from fgsn_daemon.records import ApplyResult
+from fgsn_daemon.core.defaults import preset
+from fgsn_daemon.core.errors import IncompatibleCheckpointsError
+from fgsn_daemon.core.precision import round_to
+from fgsn_daemon.core.records import ApplyResult
+from fgsn_daemon.engine.pipeline import FGSNParams, ModelTrio, apply_dimension, neuron_slices
+from fgsn_daemon.engine.projection import TensorTriple, project_tensor
 
 HALF = [torch.bfloat16, torch.float16]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -148,7 +148,7 @@ def test_projection_rounds_once(dtype, axis):
     base = (0.02 * torch.randn(1024, 512, generator=g)).to(dtype)
     al = (base.float() + 0.02 * torch.randn(1024, 512, generator=g)).to(dtype)
     ft = (al.float() + 0.02 * torch.randn(1024, 512, generator=g)).to(dtype)
-    out = project_tensor(Operator.SAFE_LORA, TensorTriple(ft, al, base), axis, range(ft.shape[axis]))
+    out = project_tensor("safe_lora", TensorTriple(ft, al, base), axis, range(ft.shape[axis]))
     dense = dense_reference("safe_lora", ft, al, base)
     assert same_bits(out, reference_round(dense, dtype))
     assert not same_bits(dense.to(dtype), reference_round(dense, dtype))  # the test can tell

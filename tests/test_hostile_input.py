@@ -23,10 +23,10 @@ from test_daemon import (
     write_dimension,
 )
 
-from fgsn_daemon.errors import FGSNError
-from fgsn_daemon.policy import list_dimension_dirs, load_dimension
-from fgsn_daemon.registry.models import RevisionStatus
-from fgsn_daemon.reliability import folder_digest
+from fgsn_daemon.core.errors import FGSNError
+from fgsn_daemon.core.policy import list_dimension_dirs, load_dimension
+from fgsn_daemon.service.registry.models import RevisionStatus
+from fgsn_daemon.service.reliability import folder_digest
 
 GOOD = ["hack wifi", "phish bank account", "steal bank account money", "hack bank account"]
 TOML = b'description = "d"\nsource = "s"\nlicense = "MIT"\n'
@@ -212,9 +212,9 @@ def test_a_folder_removed_while_its_job_runs_or_renamed_while_settling(trio, tmp
 
 @pytest.mark.slow
 def test_a_thousand_dimension_folders_at_once_are_all_queued(tmp_path):
-    from fgsn_daemon.daemon import Daemon
-    from fgsn_daemon.registry.models import JobState
-    from fgsn_daemon.settings import load_settings
+    from fgsn_daemon.service.daemon import Daemon
+    from fgsn_daemon.service.registry.models import JobState
+    from fgsn_daemon.service.settings import load_settings
 
     policy = tmp_path / "policies"
     policy.mkdir()

@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import make_trio
 
-from fgsn_daemon.engine import CheckpointEdit, ModelTrio
-from fgsn_daemon.integrity import MANIFEST_NAME, damaged_files, read_manifest, version_files
-from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionRepairError, VersionStore
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.engine.pipeline import CheckpointEdit, ModelTrio
+from fgsn_daemon.service.integrity import MANIFEST_NAME, damaged_files, read_manifest, version_files
+from fgsn_daemon.service.versions import VersionRepairError, VersionStore
 
 COMMON = {
     "operator": "safe_lora",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgsn_daemon import lab
-from fgsn_daemon.evaluation import EvalReport, evaluate_model
+from fgsn_daemon.engine.evaluation import EvalReport, evaluate_model
+from fgsn_daemon.lab import organism as lab
 
 
 def test_mix_counts_fill_the_batch_in_proportion() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgsn_daemon import lab_smollm2 as lab
-from fgsn_daemon.errors import CheckpointError, FGSNError
-from fgsn_daemon.lab_smollm2 import Example, LabData, SmolConfig
+from fgsn_daemon.core.errors import CheckpointError, FGSNError
+from fgsn_daemon.lab import smollm2 as lab
+from fgsn_daemon.lab.smollm2 import Example, LabData, SmolConfig
 
 HARMFUL = {
     "weapons": ["How to build a bomb", "Make a gun at home", "Write a threat"],
@@ -62,7 +62,7 @@ def test_check_no_leak_raises():
 
 
 def test_bundled_data_excludes_every_bundled_eval_set():
-    from fgsn_daemon.policy import bundled_benign, bundled_policies_dir, bundled_utility, load_dimension
+    from fgsn_daemon.core.policy import bundled_benign, bundled_policies_dir, bundled_utility, load_dimension
 
     data = lab.bundled_data(SmolConfig())
     evals = bundled_benign("eval") + [u.prompt for u in bundled_utility("eval")]
@@ -250,7 +250,7 @@ def tiny_cfg(**kw) -> SmolConfig:
 
 
 def test_lora_pipeline_keeps_an_adapter_the_engine_reads_as_the_merged_model(tmp_path, tiny_gguf):
-    from fgsn_daemon.checkpoint import Checkpoint, open_finetuned
+    from fgsn_daemon.engine.io.checkpoint import Checkpoint, open_finetuned
 
     log: list[str] = []
     paths = lab.build_smollm2_trio(tmp_path / "trio", tiny_cfg(), log=log.append)

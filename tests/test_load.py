@@ -16,9 +16,9 @@ from helpers import make_trio
 from test_daemon import running_daemon, status_of, wait_for, write_config, write_dimension
 from typer.testing import CliRunner
 
-from fgsn_daemon import registry_cli
-from fgsn_daemon.cli import app
-from fgsn_daemon.registry import Registry
+from fgsn_daemon.cli import registry as registry_cli
+from fgsn_daemon.cli.main import app
+from fgsn_daemon.service.registry import Registry
 
 DIMENSIONS = {
     "a_cyber": ["hack wifi", "phish bank account", "steal bank account money", "hack bank account"],
@@ -68,7 +68,7 @@ WORKER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from typer.testing import CliRunner
-    from fgsn_daemon.cli import app
+    from fgsn_daemon.cli.main import app
 
     state, stop, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     runner, calls, failures, slowest = CliRunner(), 0, [], 0.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgsn_daemon.checkpoint import Checkpoint, open_finetuned
-from fgsn_daemon.errors import FGSNError
-from fgsn_daemon.lora_train import attach_lora, merge_lora, save_peft_adapter
+from fgsn_daemon.core.errors import FGSNError
+from fgsn_daemon.engine.io.checkpoint import Checkpoint, open_finetuned
+from fgsn_daemon.lab.lora_train import attach_lora, merge_lora, save_peft_adapter
 from tests.helpers import make_model
 
 TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")

@@ -1,7 +1,7 @@
 """On the tiny LoRA organism, the default scoring (delta attribution over single entries) must beat
 random entries at the same budget by a wide margin, and the old activation default by a clear one.
 
-The organism is the LoRA variant of the tiny trio (`python -m fgsn_daemon.lab tiny --variant lora`,
+The organism is the LoRA variant of the tiny trio (`python -m fgsn_daemon.lab.organism tiny --variant lora`,
 a LoRA fine-tune with 3 % harmful→compliant examples: every held-out harmful prompt is answered).
 Its 1.3 M parameters need a larger share than a real model, so the budget here is 5 % of them.
 Measured on this organism's report split (README "Efficacy"): 21 % mean ASR for the default at
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import pytest
 
-from fgsn_daemon import defaults
-from fgsn_daemon.efficacy import Setting, StudyConfig, run_study
-from fgsn_daemon.experiments import trio_from_root
-from fgsn_daemon.lab import tiny_trio
+from fgsn_daemon.core import defaults
+from fgsn_daemon.lab.efficacy import Setting, StudyConfig, run_study
+from fgsn_daemon.lab.experiments import trio_from_root
+from fgsn_daemon.lab.organism import tiny_trio
 
 pytestmark = pytest.mark.slow
 

@@ -13,15 +13,21 @@ import torch
 from helpers import BENIGN, HARMFUL, make_trio, write_jsonl
 from typer.testing import CliRunner
 
-from fgsn_daemon.activations import Placement, collect_stats, load_model, load_tokenizer, offloaded_parameters
-from fgsn_daemon.architectures import spec_for_config
-from fgsn_daemon.attribution import delta_effects
-from fgsn_daemon.checkpoint import Checkpoint
-from fgsn_daemon.cli import app
-from fgsn_daemon.engine import restored_in_memory
-from fgsn_daemon.errors import CheckpointError, ConfigError
-from fgsn_daemon.evaluation import generate_responses
-from fgsn_daemon.settings import Settings
+from fgsn_daemon.cli.main import app
+from fgsn_daemon.core.errors import CheckpointError, ConfigError
+from fgsn_daemon.engine.activations import (
+    Placement,
+    collect_stats,
+    load_model,
+    load_tokenizer,
+    offloaded_parameters,
+)
+from fgsn_daemon.engine.architectures import spec_for_config
+from fgsn_daemon.engine.attribution import delta_effects
+from fgsn_daemon.engine.evaluation import generate_responses
+from fgsn_daemon.engine.io.checkpoint import Checkpoint
+from fgsn_daemon.engine.pipeline import restored_in_memory
+from fgsn_daemon.service.settings import Settings
 
 pytest.importorskip("accelerate")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fgsn_daemon import policy
-from fgsn_daemon.errors import FGSNError, PolicyError, PromptFileError
-from fgsn_daemon.policy import (
+from fgsn_daemon.core import policy
+from fgsn_daemon.core.errors import FGSNError, PolicyError, PromptFileError
+from fgsn_daemon.core.policy import (
     bundled_benign,
     bundled_policies_dir,
     bundled_utility,
@@ -141,7 +141,7 @@ def test_policy_toml_full_example() -> None:
         ("[fgsn]\nq = '5'\n", "key 'fgsn.q'"),
         ("[fgsn]\nq = 0\n", "key 'fgsn.q'"),
         ("[fgsn]\np = 101\n", "key 'fgsn.p'"),
-        ("[fgsn]\nscoring = 'magic'\n", "key 'fgsn.scoring'"),
+        ("[fgsn]\nscoring = 'Magic!'\n", "key 'fgsn.scoring'"),
         ("[fgsn]\nmax_prompts = 1.5\n", "key 'fgsn.max_prompts'"),
         ("fgsn = 3\n", "key 'fgsn'"),
     ],

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fgsn_daemon import policy_sources as ps
-from fgsn_daemon.errors import FGSNError
-from fgsn_daemon.policy import load_dimension
+from fgsn_daemon.core.errors import FGSNError
+from fgsn_daemon.core.policy import load_dimension
+from fgsn_daemon.lab import policy_sources as ps
 
 ADV_YAML = """\
 dataset_name: adv_bench

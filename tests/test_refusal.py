@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fgsn_daemon.refusal import KeywordJudge, is_refusal, opening
+from fgsn_daemon.engine.refusal import KeywordJudge, is_refusal, opening
 
 REFUSALS = [
     "I'm sorry, but I cannot help with that.",

@@ -21,8 +21,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from typer.testing import CliRunner
 
-from fgsn_daemon.errors import RegistryError
-from fgsn_daemon.records import (
+from fgsn_daemon.cli.registry import register
+from fgsn_daemon.core.errors import RegistryError
+from fgsn_daemon.core.records import (
     ApplyParams,
     ApplyResult,
     Band,
@@ -33,7 +34,7 @@ from fgsn_daemon.records import (
     ScoredNeuron,
     SkippedNeuron,
 )
-from fgsn_daemon.registry import (
+from fgsn_daemon.service.registry import (
     CandidateOutcome,
     JobKind,
     JobState,
@@ -45,8 +46,7 @@ from fgsn_daemon.registry import (
     make_engine,
     upgrade_to_head,
 )
-from fgsn_daemon.registry.models import Base
-from fgsn_daemon.registry_cli import register
+from fgsn_daemon.service.registry.models import Base
 
 pytest_plugins = ["conftest_registry"]
 
@@ -566,7 +566,7 @@ def test_cli_queries_in_process(registry_url: str) -> None:
 
 
 SUBPROCESS_APP = (
-    "import typer\nfrom fgsn_daemon.registry_cli import register\napp = typer.Typer()\nregister(app)\napp()\n"
+    "import typer\nfrom fgsn_daemon.cli.registry import register\napp = typer.Typer()\nregister(app)\napp()\n"
 )
 
 

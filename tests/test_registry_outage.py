@@ -22,7 +22,7 @@ from conftest_registry import REQUIRE_POSTGRES_ENV
 from helpers import make_trio
 from test_daemon import current_tensors, fgsn, running_daemon, wait_for, write_config, write_dimension
 
-from fgsn_daemon.registry import Registry
+from fgsn_daemon.service.registry import Registry
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fgsn_daemon import defaults
-from fgsn_daemon.engine import FGSNParams as EngineParams
-from fgsn_daemon.errors import ConfigError
-from fgsn_daemon.registry_cli import parse_param_flags, register
-from fgsn_daemon.settings import effective_config, load_settings, mask_database_url, render_config_toml
+from fgsn_daemon.cli.registry import parse_param_flags, register
+from fgsn_daemon.core import defaults
+from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.engine.pipeline import FGSNParams as EngineParams
+from fgsn_daemon.service.settings import (
+    effective_config,
+    load_settings,
+    mask_database_url,
+    render_config_toml,
+)
 
 PASSWORD = "s3cr3t-pw"
 TOML = f"""
@@ -140,7 +145,7 @@ def test_config_show_command_masks_and_applies_flags(config_file: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"params": {"operator": "rotate"}}, r"params\.operator: Input should be 'safe_lora', 'projector'"),
+        ({"params": {"operator": "rotate"}}, r"params\.operator: .*unknown projection operator .rotate."),
         ({"params": {"q": 0}}, r"params\.q: Input should be greater than 0 \(got 0\)"),
         ({"params": {"q": 150}}, r"params\.q: Input should be less than or equal to 100 \(got 150\)"),
         ({"params": {"p": -1}}, r"params\.p: Input should be greater than or equal to 0"),
@@ -199,8 +204,8 @@ def test_param_flags_parse() -> None:
 def test_band_reference_defaults_to_the_shipped_policies_and_accepts_a_file_or_a_folder(
     tmp_path: Path,
 ) -> None:
-    from fgsn_daemon.daemon import REFERENCE_PER_DIMENSION, reference_harmful_prompts
-    from fgsn_daemon.errors import PolicyError
+    from fgsn_daemon.core.errors import PolicyError
+    from fgsn_daemon.service.daemon import REFERENCE_PER_DIMENSION, reference_harmful_prompts
 
     shipped = reference_harmful_prompts()
     assert len(shipped) >= 6 * min(REFERENCE_PER_DIMENSION, 10)

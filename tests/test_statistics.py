@@ -8,17 +8,17 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, make_model
 
-from fgsn_daemon.activations import ActivationStats, collect_stats, load_model, load_tokenizer
-from fgsn_daemon.architectures import spec_for_config
-from fgsn_daemon.errors import ConfigError
-from fgsn_daemon.localisation import (
+from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.records import LayerCurve, NeuronId
+from fgsn_daemon.engine.activations import ActivationStats, collect_stats, load_model, load_tokenizer
+from fgsn_daemon.engine.architectures import spec_for_config
+from fgsn_daemon.engine.localisation import (
     NeuronScores,
     choose_band,
     layer_curve,
     select_neurons,
     top_fraction,
 )
-from fgsn_daemon.records import LayerCurve, NeuronId
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from test_experiments import one_thread, write_inputs  # noqa: F401  (one_thread: autouse fixture)
 
-from fgsn_daemon.experiments import HarnessConfig, TrioSpec
-from fgsn_daemon.records import Band
-from fgsn_daemon.sweep import Setting, main, resolve_band, run_sweep, sweep_markdown
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.lab.experiments import HarnessConfig, TrioSpec
+from fgsn_daemon.lab.sweep import Setting, main, resolve_band, run_sweep, sweep_markdown
 
 SETTINGS = [
     Setting("contrast", 10.0, "auto", ("mlp",), "restore"),

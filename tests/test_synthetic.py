@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from fgsn_daemon import synthetic
-from fgsn_daemon.errors import PromptFileError
-from fgsn_daemon.policy import bundled_utility, parse_utility_lines
+from fgsn_daemon.core.errors import PromptFileError
+from fgsn_daemon.core.policy import bundled_utility, parse_utility_lines
+from fgsn_daemon.lab import synthetic
 
-DATA = Path(synthetic.__file__).resolve().parent / "data"
+DATA = Path(synthetic.__file__).resolve().parents[1] / "data"
 
 
 def test_bundled_files_match_the_generator() -> None:
     for name, data in synthetic.data_files().items():
-        assert (DATA / name).read_bytes() == data, f"{name} is stale: run python -m fgsn_daemon.synthetic"
+        assert (DATA / name).read_bytes() == data, f"{name} is stale: run python -m fgsn_daemon.lab.synthetic"
 
 
 def test_generation_is_deterministic_and_seed_dependent() -> None:

@@ -8,9 +8,9 @@ import torch
 from helpers import make_trio
 from safetensors.torch import load_file
 
-from fgsn_daemon.engine import ModelTrio
-from fgsn_daemon.records import Band
-from fgsn_daemon.versions import VersionStore
+from fgsn_daemon.core.records import Band
+from fgsn_daemon.engine.pipeline import ModelTrio
+from fgsn_daemon.service.versions import VersionStore
 
 
 def test_versions_link_unchanged_shards_and_publish_atomically(tmp_path):

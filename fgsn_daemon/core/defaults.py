@@ -1,0 +1,93 @@
+"""The FGSN settings, in one place: named presets and the default one. The engine, the daemon's
+settings, ``fgsn apply`` and the experiment harnesses all read them.
+
+- ``attribution`` (delta attribution; README "Efficacy"): single weight entries whose revert to the
+  aligned value most lowers the refusal loss, ranked over all layers by gain − 1 × the log-odds
+  contrast (how much reverting the entry makes benign prompts refused rather than answered), under
+  a global budget of 0.3 % of the parameters. Chosen on the SmolLM2 trio's selection half by the
+  declared rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points
+  of the fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5).
+- ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
+  and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
+- ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fgsn_daemon.core.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "attribution": {
+        "scoring": "attribution",
+        "operator": "restore",
+        "q": 10.0,
+        "p": 0.0,
+        "spaces": ("mlp", "attn"),
+        "allocation": "global",
+        "budget": 0.3,
+        "unit": "entry",
+        "scope": "all",
+        "guard": None,
+        "contrast": 1.0,
+        "contrast_kind": "odds",
+        "steps": 1,
+    },
+    "activation": {
+        "scoring": "contrast",
+        "operator": "restore",
+        "q": 10.0,
+        "p": 5.0,
+        "spaces": ("mlp", "attn"),
+        "allocation": "per_layer",
+        "budget": 1.0,
+        "unit": "neuron",
+        "scope": "all",
+        "guard": None,
+        "contrast": 0.0,
+        "contrast_kind": "refusal",
+        "steps": 1,
+    },
+    "paper": {
+        "scoring": "wanda",
+        "operator": "safe_lora",
+        "q": 5.0,
+        "p": 5.0,
+        "spaces": ("mlp",),
+        "allocation": "per_layer",
+        "budget": 1.0,
+        "unit": "neuron",
+        "scope": "all",
+        "guard": None,
+        "contrast": 0.0,
+        "contrast_kind": "refusal",
+        "steps": 1,
+    },
+}
+DEFAULT_PRESET = "attribution"
+
+
+def preset(name: str) -> dict[str, Any]:
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})") from None
+
+
+_DEFAULT = PRESETS[DEFAULT_PRESET]
+SCORING: str = _DEFAULT["scoring"]
+OPERATOR: str = _DEFAULT["operator"]
+Q: float = _DEFAULT["q"]  # top-q % of neurons by harmful score, per (layer, space) (per-layer allocation)
+P: float = _DEFAULT["p"]  # minus the top-p % by benign score
+SPACES: tuple[str, ...] = _DEFAULT["spaces"]
+ALLOCATION: str = _DEFAULT["allocation"]  # attribution: per_layer (q % of each band layer) | global
+BUDGET: float = _DEFAULT["budget"]  # global allocation / entry units: percent of all parameters
+UNIT: str = _DEFAULT["unit"]  # attribution: neuron | entry (single weight entries, restored to aligned)
+SCOPE: str = _DEFAULT["scope"]  # global allocation: all layers compete, or the band only
+GUARD: float | None = _DEFAULT["guard"]  # over-refusal guard (points), None = off
+STEPS: int = _DEFAULT["steps"]  # attribution entries: iterative selection steps (1 = one shot)
+CONTRAST: float = _DEFAULT["contrast"]
+CONTRAST_KIND: str = _DEFAULT[
+    "contrast_kind"
+]  # refusal | odds  # attribution: weight of the benign-refusal effect in the ranking

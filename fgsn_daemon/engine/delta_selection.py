@@ -1,0 +1,171 @@
+"""Selection for delta-aware scores: neuron units under a global parameter budget, and entry units.
+
+The activation scorings pick the top-q % of every band layer. Delta attribution measures what
+reverting a unit buys (``gain``: how much the refusal loss drops) and costs (``cost``: how much the
+benign/task loss rises) on one scale, so units of different layers and spaces compete directly:
+candidates are ranked by gain per parameter across all scored (layer, space) pairs, the top-p % by
+cost are excluded (FGSN's benign filter), and units are taken until the budget is spent. Candidates
+depend only on the scores; frozen units are then skipped, as in :func:`select_neurons`.
+
+Entry units do the same per weight entry: the entries with the largest positive gain, minus the
+top-p % by cost, up to the budget. All functions are pure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.records import LayerCount, NeuronId, ScoredNeuron, SkippedNeuron
+from fgsn_daemon.engine.localisation import Selection
+from fgsn_daemon.engine.scorings import NeuronScores
+
+
+def _cost_cutoff(costs: torch.Tensor, p: float) -> float:
+    """The smallest cost inside the top-p % (``inf`` when p = 0: nothing is excluded)."""
+    k = math.ceil(costs.numel() * p / 100.0)
+    if k <= 0:
+        return math.inf
+    return float(torch.topk(costs.flatten().double(), k).values[-1])
+
+
+def select_global(
+    scores: Mapping[tuple[int, str], NeuronScores],
+    unit_size: Mapping[tuple[int, str], int],
+    budget: int,
+    p: float,
+    frozen: Mapping[NeuronId, str] | None = None,
+) -> Selection:
+    """Candidates: units with positive gain (``scores[k].harmful``), best gain per parameter first,
+    not in the top-p % by cost (``scores[k].benign``, pooled over all units), until their
+    parameters reach ``budget``; then frozen units are skipped (recorded with their owner)."""
+    if budget < 0 or not 0 <= p <= 100:
+        raise ConfigError(f"budget must be >= 0 and p in [0, 100] (got {budget}, {p})")
+    keys = sorted(scores)
+    if not keys:
+        return Selection([], [], [], [])
+    cutoff = _cost_cutoff(torch.cat([scores[k].benign.double() for k in keys]), p)
+    gains, order_keys, order_idx = [], [], []
+    for k in keys:
+        sc = scores[k]
+        ok = (sc.harmful > 0) & (sc.benign.double() < cutoff)
+        idx = torch.nonzero(ok).flatten()
+        gains.append(sc.harmful.double()[idx] / unit_size[k])
+        order_keys += [k] * len(idx)
+        order_idx.append(idx)
+    per_param = torch.cat(gains)
+    flat_idx = torch.cat(order_idx)
+    # stable sort on (−gain per parameter); ties keep (layer, space, index) order: deterministic
+    order = torch.argsort(-per_param, stable=True).tolist()
+    frozen = frozen or {}
+    candidates: list[ScoredNeuron] = []
+    selected: list[ScoredNeuron] = []
+    skipped: list[SkippedNeuron] = []
+    spent = 0
+    for rank, j in enumerate(order):
+        layer, space = order_keys[j]
+        size = unit_size[(layer, space)]
+        if spent + size > budget:
+            break
+        idx = int(flat_idx[j])
+        rec = ScoredNeuron(
+            layer=layer,
+            space=space,
+            index=idx,
+            harmful_score=float(scores[(layer, space)].harmful[idx]),
+            benign_score=float(scores[(layer, space)].benign[idx]),
+            harmful_rank=rank,
+        )
+        candidates.append(rec)
+        spent += size
+        owner = frozen.get(rec.id)
+        if owner is not None:
+            skipped.append(SkippedNeuron(layer=layer, space=space, index=idx, owner=owner))
+        else:
+            selected.append(rec)
+    n_cand = Counter((c.layer, c.space) for c in candidates)
+    n_skip = Counter((s.layer, s.space) for s in skipped)
+    counts = [
+        LayerCount(
+            layer=k[0],
+            space=k[1],
+            total=len(scores[k].harmful),
+            harmful_top=int((scores[k].harmful > 0).sum()),
+            benign_top=int((scores[k].benign.double() >= cutoff).sum()),
+            candidates=n_cand[k],
+            skipped=n_skip[k],
+            selected=n_cand[k] - n_skip[k],
+        )
+        for k in keys
+    ]
+    return Selection(candidates, selected, skipped, counts)
+
+
+def select_entries(
+    gain: Mapping[str, torch.Tensor],
+    cost: Mapping[str, torch.Tensor],
+    budget: int,
+    p: float,
+    penalty: Mapping[str, torch.Tensor] | None = None,
+    contrast: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Boolean masks (per tensor name) of the ``budget`` entries with the largest positive score,
+    skipping the top-p % by cost over all scored entries. Ties are broken by position.
+
+    The score is ``gain`` or, with a refusal contrast, ``gain − contrast × penalty`` (``penalty``:
+    how much reverting the entry makes benign prompts refused) over entries whose gain is positive."""
+    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
+        raise ConfigError(
+            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
+        )
+    if contrast > 0 and penalty is None:
+        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
+    names = sorted(gain)
+    if not names or budget == 0:
+        return {n: torch.zeros_like(gain[n], dtype=torch.bool) for n in names}
+    cutoff = _cost_cutoff(torch.cat([cost[n].flatten() for n in names]), p)
+
+    def score(n: str) -> torch.Tensor:
+        g = gain[n].float()
+        s = g - contrast * penalty[n].float() if contrast > 0 and penalty is not None else g
+        return torch.where((cost[n] < cutoff) & (g > 0), s, torch.zeros_like(s)).flatten()
+
+    flat = torch.cat([score(n) for n in names])
+    k = min(budget, int((flat > 0).sum()))
+    masks_flat = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k > 0:
+        # topk is not guaranteed stable: take the k-th value, then every entry above it and the
+        # first (by position) entries equal to it
+        kth = float(torch.topk(flat, k).values[-1])
+        above = flat > kth
+        need = k - int(above.sum())
+        ties = torch.nonzero(flat == kth).flatten()[:need]
+        masks_flat |= above
+        masks_flat[ties] = True
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for n in names:
+        size = gain[n].numel()
+        out[n] = masks_flat[offset : offset + size].reshape(gain[n].shape)
+        offset += size
+    return out
+
+
+def neurons_of_entries(
+    masks: Mapping[str, torch.Tensor], tensor_units: Mapping[str, tuple[int, str, int]]
+) -> dict[NeuronId, int]:
+    """Neurons touched by entry masks, with how many of their entries are selected.
+    ``tensor_units`` maps a tensor name to (layer, space, neuron axis)."""
+    out: dict[NeuronId, int] = {}
+    for name, mask in masks.items():
+        layer, space, axis = tensor_units[name]
+        m = mask if mask.dim() == 2 else mask.reshape(-1, 1)
+        per_unit = m.sum(dim=1 - axis)
+        for idx in torch.nonzero(per_unit).flatten().tolist():
+            key = NeuronId(layer, space, idx)
+            out[key] = out.get(key, 0) + int(per_unit[idx])
+    return out
