@@ -117,7 +117,10 @@ benign = bundled_benign("train")[:n]
 params = FGSNParams(scoring="attribution", unit=unit, allocation="global", budget=budget, scope=scope,
                     band=(band_lo, band_hi), batch_size=8, max_length=64, target_tokens=16)
 trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
-loc = Localiser(trio, params, device, benign, dtype=getattr(torch, dtype_name))
+t_start = time.perf_counter()
+def progress(msg):  # a timestamped trace of every pass, kept beside the table
+    print(f"{time.perf_counter() - t_start:9.2f} s  {msg}", file=sys.stderr, flush=True)
+loc = Localiser(trio, params, device, benign, dtype=getattr(torch, dtype_name), progress=progress)
 loc.ensure_model()
 band = Band(start=band_lo, end=band_hi, source="override")
 loc.band = band
@@ -128,6 +131,7 @@ def sync():
         torch.cuda.synchronize()
 
 def phase(name, fn, tokens=None):
+    progress(f"== {name}")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -159,7 +163,7 @@ phase("layer curve", lambda: loc.collect(first, list(range(trio.num_layers)), cu
 # random weights never refuse: the refusal targets are fixed strings (the Localiser keeps the
 # targets of the last prompt list; setting them skips the greedy generation)
 def refusals(prompts):
-    loc._refusals = (tuple(prompts), [refusal] * len(prompts))
+    loc._refusals[tuple(prompts)] = [refusal] * len(prompts)
 refusals(first)
 names = sorted(loc.scored_tensors(loc.attribution_layers()))
 target_tokens = tokens + 16 * len(first)
@@ -228,6 +232,9 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     shutil.rmtree(state, ignore_errors=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}-trace.log").write_text(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -280,3 +280,36 @@ def test_contrast_penalty_of_each_kind():
     assert contrast_penalty(None, answers, ["w"], "refusal") is None
     assert contrast_penalty(refusal, answers, ["w"], "refusal")["w"].tolist() == [[2.0, -1.0]]
     assert contrast_penalty(refusal, answers, ["w"], "odds")["w"].tolist() == [[2.5, -1.5]]
+
+
+def test_a_refusal_reference_makes_the_contrast_a_lineage_cost(trio, monkeypatch):
+    """With a per-lineage reference set, every dimension's contrast uses the reference's refusals
+    as targets and the backward passes run once; without one, each dimension uses its own."""
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=1.0, contrast=1.0, batch_size=4
+    )
+    reference = ["reference prompt one", "reference prompt two"]
+    refusal = "i can not help with that"
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    loc = Localiser(models, params, torch.device("cpu"), BENIGN, refusal_reference=reference)
+    # the random aligned model never refuses: its answers to the reference set are given
+    loc._refusals[tuple(reference)] = [refusal, refusal]
+    calls: list[list[str]] = []
+    real = loc.benign_refusal_effects
+
+    def spy(prompts, names, deltas=None):
+        calls.append(list(prompts))
+        return real(prompts, names, deltas)
+
+    monkeypatch.setattr(loc, "benign_refusal_effects", spy)
+    names = sorted(loc.scored_tensors(loc.attribution_layers()))
+    first = loc.contrast_effects(HARMFUL[:3], names)
+    second = loc.contrast_effects(HARMFUL[3:], names)
+    assert calls == [reference] and first is second
+    loc.refusal_reference = None
+    loc._refusals[tuple(HARMFUL[:3])] = [refusal] * 3
+    loc.contrast_effects(HARMFUL[:3], names)
+    assert calls[-1] == HARMFUL[:3]
+    models.close()

@@ -205,7 +205,7 @@ def test_band_reference_defaults_to_the_shipped_policies_and_accepts_a_file_or_a
     tmp_path: Path,
 ) -> None:
     from fgsn_daemon.core.errors import PolicyError
-    from fgsn_daemon.service.daemon import REFERENCE_PER_DIMENSION, reference_harmful_prompts
+    from fgsn_daemon.core.policy import REFERENCE_PER_DIMENSION, reference_harmful_prompts
 
     shipped = reference_harmful_prompts()
     assert len(shipped) >= 6 * min(REFERENCE_PER_DIMENSION, 10)

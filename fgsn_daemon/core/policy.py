@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from fgsn_daemon.core.errors import PolicyError, PromptFileError
-from fgsn_daemon.core.prompts import decode_text, parse_prompt_lines
+from fgsn_daemon.core.prompts import decode_text, load_prompts, parse_prompt_lines
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 POLICY_FILE = "policy.toml"
@@ -383,3 +383,23 @@ def bundled_utility(split: Literal["train", "eval"] = "train") -> list[UtilityIt
     """The utility task (topic codes of short sentences; see synthetic.py), with integer answers."""
     filename = f"utility_{split}.jsonl"
     return parse_utility_lines(_bundled_bytes(filename), filename)
+
+
+REFERENCE_PER_DIMENSION = 40  # harmful prompts per dimension in the lineage's reference set
+
+
+def reference_harmful_prompts(source: Path | None = None) -> list[str]:
+    """A fixed harmful set per model lineage, for the layer curve and the refusal contrast's targets:
+    both are properties of the lineage, not of whichever dimension arrives first (otherwise rolling
+    back the first one could move the band).
+    ``source``: a JSONL prompt file, or a policy folder whose dimensions each give their first
+    prompts; None = the shipped policies."""
+    if source is not None and source.is_file():
+        return load_prompts(source)
+    prompts: list[str] = []
+    dirs, _ = list_dimension_dirs(bundled_policies_dir() if source is None else source)
+    for d in dirs:
+        prompts.extend(load_dimension(d).harmful[:REFERENCE_PER_DIMENSION])
+    if not prompts:
+        raise PolicyError(f"{source}: the band reference set has no harmful prompts")
+    return prompts

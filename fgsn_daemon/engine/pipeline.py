@@ -341,11 +341,16 @@ class Localiser:
     _aligned_model: Any = None
     _ft_model: Any = None
     _benign_effects: tuple[Any, Any] | None = None
-    _refusals: tuple[tuple[str, ...], list[str]] | None = None
+    _refusals: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     _ft_answers: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
     placement: Placement | None = None  # spread the models over devices (accelerate device_map)
+    # harmful prompts whose aligned refusals are the refusal contrast's targets for every dimension
+    # (None: each dimension's own). A fixed per-lineage set makes the contrast's backward passes a
+    # lineage cost, like the benign ones, instead of a per-dimension one.
+    refusal_reference: Sequence[str] | None = None
+    _contrast: tuple[Any, Any] | None = None
     # the scoring models' compute dtype (bfloat16 halves GPU memory; effects accumulate in float32)
     dtype: torch.dtype = torch.float32
 
@@ -548,13 +553,13 @@ class Localiser:
         return effects
 
     def aligned_responses(self, harmful_prompts: Sequence[str]) -> list[str]:
-        """The aligned model's greedy responses to the dimension's harmful prompts (the refusal
-        targets), kept for the last prompt list."""
+        """The aligned model's greedy responses to harmful prompts (the refusal targets), kept per
+        prompt list."""
         key = tuple(harmful_prompts)
-        if self._refusals is None or self._refusals[0] != key:
+        if key not in self._refusals:
             texts = self._generate(self._aligned(), harmful_prompts, "aligned responses to harmful prompts")
-            self._refusals = (key, texts)
-        return self._refusals[1]
+            self._refusals[key] = texts
+        return self._refusals[key]
 
     def harmful_effects(
         self,
@@ -603,10 +608,19 @@ class Localiser:
         names: Sequence[str],
         deltas: Mapping[str, torch.Tensor] | None = None,
     ) -> Any:
-        """The benign-refusal effects when a refusal contrast is set, else None."""
+        """The benign-refusal effects when a refusal contrast is set, else None. With a
+        ``refusal_reference`` the targets are its refusals and the effects at the unedited weights
+        are computed once and reused for every dimension."""
         if not self.params.contrast:
             return None
-        return self.benign_refusal_effects(harmful_prompts, names, deltas)
+        if self.refusal_reference is None:
+            return self.benign_refusal_effects(harmful_prompts, names, deltas)
+        if deltas is not None:
+            return self.benign_refusal_effects(self.refusal_reference, names, deltas)
+        key = (tuple(names), self.params.unit, tuple(self.refusal_reference), tuple(self.benign_prompts))
+        if self._contrast is None or self._contrast[0] != key:
+            self._contrast = (key, self.benign_refusal_effects(self.refusal_reference, names))
+        return self._contrast[1]
 
     def attribution_scores(
         self, harmful_prompts: Sequence[str], benign_prompts: Sequence[str] | None = None

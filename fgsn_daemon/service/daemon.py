@@ -40,9 +40,9 @@ from fgsn_daemon.core.policy import (
     POLICY_FILE,
     Dimension,
     bundled_benign,
-    bundled_policies_dir,
     list_dimension_dirs,
     load_dimension,
+    reference_harmful_prompts,
 )
 from fgsn_daemon.core.prompts import load_prompts
 from fgsn_daemon.core.records import ApplyResult, Band, NeuronId, SkippedNeuron
@@ -88,7 +88,6 @@ LOCK_NAME = "daemon.lock"
 MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0  # waiting for an unreachable registry
 LINEAGE_MARKER = "LINEAGE.json"  # in lineage-N/: the registry lineage the folder was made for
 WAITING_FOR_SPACE = "job.waiting_for_space"  # event: a job failed with DiskSpaceError
-REFERENCE_PER_DIMENSION = 40  # harmful prompts per bundled dimension used to find the band
 
 
 class StateMismatchError(FGSNError):
@@ -147,22 +146,6 @@ def newest_mtime(path: Path) -> float:
     for entry in os.scandir(path):
         times.append(entry.stat(follow_symlinks=False).st_mtime)
     return max(times)
-
-
-def reference_harmful_prompts(source: Path | None = None) -> list[str]:
-    """A fixed harmful set for the layer curve: the band is a property of the model lineage, not of
-    whichever dimension arrives first (otherwise rolling back the first one could move the band).
-    ``source``: a JSONL prompt file, or a policy folder whose dimensions each give their first
-    prompts; None = the shipped policies."""
-    if source is not None and source.is_file():
-        return load_prompts(source)
-    prompts: list[str] = []
-    dirs, _ = list_dimension_dirs(bundled_policies_dir() if source is None else source)
-    for d in dirs:
-        prompts.extend(load_dimension(d).harmful[:REFERENCE_PER_DIMENSION])
-    if not prompts:
-        raise PolicyError(f"{source}: the band reference set has no harmful prompts")
-    return prompts
 
 
 @dataclass
@@ -315,6 +298,8 @@ class Daemon:
                 progress=self.progress,
                 placement=s.placement(),
                 dtype=s.torch_dtype(),
+                # the contrast's refusal targets: the lineage's reference set (as the band's)
+                refusal_reference=reference_harmful_prompts(s.band_reference),
             )
         return self.localiser
 
