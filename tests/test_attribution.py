@@ -3,6 +3,7 @@ the loss change of an explicit revert."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -312,4 +313,35 @@ def test_a_refusal_reference_makes_the_contrast_a_lineage_cost(trio, monkeypatch
     loc._refusals[tuple(HARMFUL[:3])] = [refusal] * 3
     loc.contrast_effects(HARMFUL[:3], names)
     assert calls[-1] == HARMFUL[:3]
+    models.close()
+
+
+def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(trio, monkeypatch):
+    """The random model never refuses, so the judge is told which calibration prompts it refuses:
+    the rounds then run, move the selection away from the entries that drive those answers, spend
+    the same budget, and give the same masks every time (rollback stays exact)."""
+    from fgsn_daemon.engine import refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+
+    def judge(self, prompts, answers):  # every other calibration prompt counts as refused
+        return [i % 2 == 0 for i in range(len(prompts))]
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
+    base = FGSNParams(scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0)
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    one_shot = Localiser(models, base, torch.device("cpu"), BENIGN).localise_entries(HARMFUL)
+    runs = []
+    for _ in range(2):
+        hard = replace(base, hard_rounds=2, hard_weight=50.0)
+        loc = Localiser(models, hard, torch.device("cpu"), BENIGN)
+        runs.append(loc.localise_entries(HARMFUL))
+        assert [t["round"] for t in loc.hard_trace] == [1, 2]
+        assert all(t["refused"] == (len(BENIGN) + 1) // 2 for t in loc.hard_trace)
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    spent = [sum(int(m.sum()) for m in masks.values()) for masks in (one_shot, runs[0])]
+    assert spent[0] == spent[1] > 0
+    moved = sum(int((one_shot[n] & ~runs[0][n]).sum()) for n in one_shot)
+    assert moved > 0
+    with pytest.raises(Exception, match="one-shot entry units"):
+        replace(base, hard_rounds=1, unit="neuron").validate()
     models.close()

@@ -95,6 +95,10 @@ def apply(
     contrast_kind: Annotated[
         str | None, typer.Option(help="what the contrast penalises: refusal | odds (refusal vs answer)")
     ] = None,
+    hard_rounds: Annotated[
+        int | None, typer.Option(help="entries: over-refusal hard-negative rounds on the benign prompts")
+    ] = None,
+    hard_weight: Annotated[float | None, typer.Option(help="weight of the hard-negative penalty")] = None,
     steps: Annotated[
         int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
     ] = None,
@@ -135,6 +139,8 @@ def apply(
             "guard": guard,
             "contrast": contrast,
             "steps": steps,
+            "hard_rounds": hard_rounds,
+            "hard_weight": hard_weight,
             "contrast_kind": contrast_kind,
         }
         chosen = {k: v for k, v in given.items() if v is not None}

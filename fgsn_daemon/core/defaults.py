@@ -33,6 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "contrast": 1.0,
         "contrast_kind": "odds",
         "steps": 1,
+        "hard_rounds": 0,
+        "hard_weight": 0.05,
     },
     "activation": {
         "scoring": "contrast",
@@ -48,6 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "contrast": 0.0,
         "contrast_kind": "refusal",
         "steps": 1,
+        "hard_rounds": 0,
+        "hard_weight": 0.05,
     },
     "paper": {
         "scoring": "wanda",
@@ -63,6 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "contrast": 0.0,
         "contrast_kind": "refusal",
         "steps": 1,
+        "hard_rounds": 0,
+        "hard_weight": 0.05,
     },
 }
 DEFAULT_PRESET = "attribution"
@@ -87,6 +93,10 @@ UNIT: str = _DEFAULT["unit"]  # attribution: neuron | entry (single weight entri
 SCOPE: str = _DEFAULT["scope"]  # global allocation: all layers compete, or the band only
 GUARD: float | None = _DEFAULT["guard"]  # over-refusal guard (points), None = off
 STEPS: int = _DEFAULT["steps"]  # attribution entries: iterative selection steps (1 = one shot)
+# attribution entries: over-refusal hard negatives, rounds of (edit, find the calibration prompts the
+# edited model refuses, penalise the entries that drive those refusals, select again), and the weight
+HARD_ROUNDS: int = _DEFAULT["hard_rounds"]
+HARD_WEIGHT: float = _DEFAULT["hard_weight"]
 CONTRAST: float = _DEFAULT["contrast"]
 CONTRAST_KIND: str = _DEFAULT[
     "contrast_kind"

@@ -113,6 +113,8 @@ class ApplyParams(_Record):
     contrast: float = 0.0
     contrast_kind: str = "refusal"
     steps: int = 1
+    hard_rounds: int = 0
+    hard_weight: float = 0.0
 
 
 class ApplyResult(_Record):

@@ -105,6 +105,11 @@ class FGSNParams:
     # iterative selection (entry units): spend the budget in this many steps, re-scoring at the
     # edited weights after each (as Yang et al.'s gradient-guided rollback); 1 = one shot
     steps: int = defaults.STEPS
+    # over-refusal hard negatives (entry units): after selecting, find the calibration prompts the
+    # edited model refuses, add the effect of each entry on those refusals (the edited model's own
+    # words, measured at the fine-tuned weights) times hard_weight to the penalty, select again
+    hard_rounds: int = defaults.HARD_ROUNDS
+    hard_weight: float = defaults.HARD_WEIGHT
 
     def __post_init__(self) -> None:
         # allocation and unit belong to the attribution scoring; the activation scorings always
@@ -138,6 +143,13 @@ class FGSNParams:
             raise ConfigError(f"contrast_kind must be 'refusal' or 'odds' (got {self.contrast_kind!r})")
         if not 0 <= self.contrast <= 100:
             raise ConfigError(f"contrast must be in [0, 100] (got {self.contrast})")
+        if not 0 <= self.hard_rounds <= 8 or not 0 <= self.hard_weight <= 100:
+            raise ConfigError(
+                f"hard_rounds must be in [0, 8] and hard_weight in [0, 100] "
+                f"(got {self.hard_rounds}, {self.hard_weight})"
+            )
+        if self.hard_rounds and (self.unit != "entry" or self.steps > 1):
+            raise ConfigError("over-refusal hard negatives (hard_rounds) are for one-shot entry units")
         if not 0 < self.budget <= 100 or self.target_tokens < 1:
             raise ConfigError(f"budget must be in (0, 100] and target_tokens >= 1 (got {self.budget})")
         if self.positions not in ("all", "last"):
@@ -170,6 +182,8 @@ class FGSNParams:
             contrast=self.contrast,
             contrast_kind=self.contrast_kind,
             steps=self.steps,
+            hard_rounds=self.hard_rounds,
+            hard_weight=self.hard_weight,
         )
 
 
@@ -346,6 +360,9 @@ class Localiser:
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
     placement: Placement | None = None  # spread the models over devices (accelerate device_map)
+    # benign prompts the hard-negative rounds check for refusals (None: the benign prompts)
+    calibration_prompts: Sequence[str] | None = None
+    hard_trace: list[dict[str, int]] = field(default_factory=list)
     # harmful prompts whose aligned refusals are the refusal contrast's targets for every dimension
     # (None: each dimension's own). A fixed per-lineage set makes the contrast's backward passes a
     # lineage cost, like the benign ones, instead of a per-dimension one.
@@ -764,7 +781,61 @@ class Localiser:
         def masks_at(budget: int) -> dict[str, torch.Tensor]:
             return select_entries(gain, cost, budget, self.params.p, penalty, self.params.contrast)
 
-        return masks_at(self.guarded_budget(self.budget_parameters(), masks_at=masks_at))
+        budget = self.guarded_budget(self.budget_parameters(), masks_at=masks_at)
+        masks = masks_at(budget)
+        if self.params.hard_rounds:
+            masks = self.hard_negative_masks(masks, gain, cost, penalty, budget, names)
+        return masks
+
+    def hard_negative_masks(
+        self,
+        masks: dict[str, torch.Tensor],
+        gain: Mapping[str, torch.Tensor],
+        cost: Mapping[str, torch.Tensor],
+        penalty: Mapping[str, torch.Tensor] | None,
+        budget: int,
+        names: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """Over-refusal hard negatives: edit in memory, find the calibration prompts the edited model
+        refuses, add ``hard_weight`` × the first-order effect of reverting each entry on *those*
+        refusals (the edited model's own words, at the fine-tuned weights) to the penalty, select
+        again at the same budget; ``hard_rounds`` times, or until none is refused. Depends only on
+        the immutable inputs, this dimension's prompts and the shared calibration set, so rollback
+        stays exact."""
+        from fgsn_daemon.engine.delta_selection import select_entries
+        from fgsn_daemon.engine.evaluation import generate_responses
+        from fgsn_daemon.engine.refusal import KeywordJudge
+
+        model = self._finetuned()
+        calibration = list(self.calibration_prompts or self.benign_prompts)
+        contrast = self.params.contrast if penalty is not None else 0.0
+        hard: dict[str, torch.Tensor] = {}
+        self.hard_trace = []
+        for r in range(self.params.hard_rounds):
+            with restored_in_memory(model, self.trio, masks=masks):
+                answers = generate_responses(
+                    model,
+                    self.tokenizer,
+                    calibration,
+                    self.params.target_tokens,
+                    self.params.batch_size,
+                    self.params.use_chat_template,
+                )
+            refused = KeywordJudge().judge(calibration, answers)
+            pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
+            self.hard_trace.append({"round": r + 1, "refused": len(pairs), "prompts": len(calibration)})
+            self.progress(f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused")
+            if not pairs:
+                break
+            eff = self._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
+            for n in gain:
+                hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+            combined = {
+                n: self.params.hard_weight * hard[n] + (contrast * penalty[n] if penalty is not None else 0)
+                for n in gain
+            }
+            masks = select_entries(gain, cost, budget, self.params.p, combined, 1.0)
+        return masks
 
     def iterative_entry_masks(
         self,

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fgsn_daemon.core.errors import ConfigError, FGSNError
-from fgsn_daemon.core.policy import list_dimension_dirs
+from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_prompts
 from fgsn_daemon.core.prompts import load_prompts
 from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
@@ -100,6 +100,13 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
         benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
     return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility))
+
+
+def calibration_prompts(spec: TrioSpec) -> list[str] | None:
+    """The benign prompts hard negatives are found in: every benign train prompt when the selection
+    half measures over-refusal on its own file (neither evaluation set is then touched), else only
+    the scoring prompts (the unused ones are the selection half's measure)."""
+    return load_prompts(spec.benign) if spec.benign_selection is not None else None
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -226,6 +233,8 @@ class Setting:
     # kind per run)
     penalty: str = "refusal"
     steps: int = 1  # iterative selection (entry units): re-scored at the edited weights after each step
+    hard: int = 0  # over-refusal hard-negative rounds (entry units)
+    hard_weight: float = 0.0
 
     @property
     def name(self) -> str:
@@ -234,7 +243,8 @@ class Setting:
         kind = {"odds": "o", "aligned": "a"}.get(self.penalty, "c")
         contrast = f"/{kind}{self.contrast:g}" if self.contrast else ""
         steps = f"/steps{self.steps}" if self.steps > 1 else ""
-        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{guard}"
+        hard = f"/hard{self.hard}x{self.hard_weight:g}" if self.hard else ""
+        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}"
 
 
 @dataclass
@@ -375,6 +385,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             target_tokens=cfg.target_tokens,
         )
         loc = Localiser(trio, base_params, device, inputs.benign_train, progress=log)
+        loc.calibration_prompts = calibration_prompts(cfg.spec)
         loc.establish_band(pooled)
         assert loc.band is not None
         band = loc.band
@@ -490,8 +501,13 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 def masks_at(budget: int) -> dict[str, torch.Tensor]:
                     return select_entries(gain, cost, budget, st.p, penalty, st.contrast)
 
-                masks = masks_at(loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at))
+                budget = loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at)
+                masks = masks_at(budget)
                 extra["guard_trace"] = list(loc.guard_trace)
+                if st.hard:
+                    loc.params = replace(loc.params, hard_rounds=st.hard, hard_weight=st.hard_weight)
+                    masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain))
+                    extra["hard_trace"] = list(loc.hard_trace)
                 return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
             kind = "odds" if st.penalty == "odds" else "refusal"
             scores = unit_attribution_scores(harm, benign, refusal, tensors, st.contrast, kind)
@@ -676,8 +692,14 @@ def run_continual(
             contrast=setting.contrast,
             contrast_kind="odds" if setting.penalty == "odds" else "refusal",
             steps=setting.steps,
+            hard_rounds=setting.hard,
+            hard_weight=setting.hard_weight,
         )
-        loc = Localiser(trio, params, device, inputs.benign_train, progress=log)
+        # as the daemon: the contrast's refusal targets come from the lineage's reference set
+        # (the policies' first prompts per dimension), computed once for all dimensions
+        reference = reference_harmful_prompts(cfg.spec.policies) if setting.contrast else None
+        loc = Localiser(trio, params, device, inputs.benign_train, progress=log, refusal_reference=reference)
+        loc.calibration_prompts = calibration_prompts(cfg.spec)
         loc.establish_band([p for ps in inputs.train.values() for p in ps])
         total = trio.aligned.total_parameters()
         candidates: dict[int, list[Any]] = {}
@@ -899,21 +921,28 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_grid(text: str) -> list[Setting]:
     """``UNIT:BUDGET:SCOPE:P`` then optional fields: ``GUARD`` (points), ``cCONTRAST`` (refusal
     contrast), ``oCONTRAST`` (log-odds contrast) or ``aCONTRAST`` (aligned over-refusals), ``sSTEPS``
-    (iterative selection)."""
+    (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
-            guard, contrast, penalty, steps = None, 0.0, "refusal", 1
+            guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
             for field_ in extra:
                 if field_.startswith("s"):
                     steps = int(field_[1:])
+                elif field_.startswith("h"):
+                    rounds, weight = field_[1:].split("x")
+                    hard, hard_weight = int(rounds), float(weight)
                 elif field_.startswith(("c", "o", "a")):
                     contrast = float(field_[1:])
                     penalty = {"o": "odds", "a": "aligned"}.get(field_[0], "refusal")
                 else:
                     guard = float(field_)
-            out.append(Setting(unit, float(budget), scope, float(p), guard, contrast, penalty, steps))
+            out.append(
+                Setting(
+                    unit, float(budget), scope, float(p), guard, contrast, penalty, steps, hard, hard_weight
+                )
+            )
         except ValueError:
             raise ConfigError(
                 f"grid item {item!r}: expected UNIT:BUDGET:SCOPE:P[:GUARD][:cCONTRAST]"

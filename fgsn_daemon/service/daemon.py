@@ -129,6 +129,8 @@ def engine_params(settings: Settings) -> FGSNParams:
         contrast=p.contrast,
         contrast_kind=p.contrast_kind,
         steps=p.steps,
+        hard_rounds=p.hard_rounds,
+        hard_weight=p.hard_weight,
     )
 
 

@@ -80,6 +80,8 @@ class FGSNParams(BaseModel):
         default=defaults.GUARD, ge=0, le=100, description="over-refusal guard (points)"
     )
     steps: int = Field(default=defaults.STEPS, ge=1, le=64, description="iterative selection steps (entries)")
+    hard_rounds: int = Field(default=defaults.HARD_ROUNDS, ge=0, le=8, description="hard-negative rounds")
+    hard_weight: float = Field(default=defaults.HARD_WEIGHT, ge=0, le=100)
     contrast_kind: Literal["refusal", "odds"] = defaults.CONTRAST_KIND  # type: ignore[assignment]
     contrast: float = Field(
         default=defaults.CONTRAST, ge=0, le=100, description="weight of the benign-refusal effect"
