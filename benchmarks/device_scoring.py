@@ -12,7 +12,8 @@ prompts:
   matrix (four bytes per scored parameter; ``--entries``);
 - ``dimension 1`` / ``dimension 2``: ``Localiser`` selecting one dimension's units with the given
   unit and budget (targets generated, harmful + benign + contrast passes); the second dimension
-  reuses the benign passes, so its ratio to the first is what a new dimension costs;
+  reuses the benign passes and the contrast's (targets from a fixed reference set, as the daemon),
+  so its ratio to the first is what a new dimension costs;
 - ``edit + publish``: the version folder for dimension 1 (band shards written, others linked).
 
 Peak memory is the device's (``torch.cuda.max_memory_allocated``) on CUDA and the process's peak
@@ -120,7 +121,10 @@ trio = ModelTrio.open(root / "base", root / "aligned", root / "finetuned")
 t_start = time.perf_counter()
 def progress(msg):  # a timestamped trace of every pass, kept beside the table
     print(f"{time.perf_counter() - t_start:9.2f} s  {msg}", file=sys.stderr, flush=True)
-loc = Localiser(trio, params, device, benign, dtype=getattr(torch, dtype_name), progress=progress)
+# as the daemon: the contrast's refusal targets come from a fixed per-lineage reference set
+reference = first[: n // 2] + second[: n // 2]
+loc = Localiser(trio, params, device, benign, dtype=getattr(torch, dtype_name), progress=progress,
+                refusal_reference=reference)
 loc.ensure_model()
 band = Band(start=band_lo, end=band_hi, source="override")
 loc.band = band
@@ -165,6 +169,7 @@ phase("layer curve", lambda: loc.collect(first, list(range(trio.num_layers)), cu
 def refusals(prompts):
     loc._refusals[tuple(prompts)] = [refusal] * len(prompts)
 refusals(first)
+refusals(reference)
 names = sorted(loc.scored_tensors(loc.attribution_layers()))
 target_tokens = tokens + 16 * len(first)
 loc.params = replace(params, unit="neuron")
