@@ -57,3 +57,24 @@ def test_restriction_keeps_only_the_owned_neurons_along_each_axis_and_union_merg
     assert both["l0.gate"].sum() == 6 and both["l0.down"].sum() == 6
     assert per_neuron_counts(both, UNITS) == {NeuronId(0, "mlp", 1): 6, NeuronId(0, "mlp", 2): 6}
     assert restrict_to_neurons(m, [NeuronId(1, "mlp", 0)], UNITS) == {}
+
+
+def test_the_stored_union_equals_the_loaded_union_and_checks_every_file(tmp_path):
+    from fgsn_daemon.engine.entry_masks import StoredMaskUnion
+
+    parts = [masks(0), masks(1), {"l0.gate": masks(2)["l0.gate"]}]  # the last file has one tensor
+    digests = [save_masks(tmp_path, m, UNITS) for m in parts]
+    stored = StoredMaskUnion(tmp_path, digests)
+    eager = union([load_masks(tmp_path, d) for d in digests])
+    assert sorted(stored) == sorted(eager) and len(stored) == 2
+    assert all(torch.equal(stored[k], eager[k]) for k in eager)
+    with pytest.raises(KeyError):
+        stored["l9.up"]
+    path = tmp_path / f"{digests[1]}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little")] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(FGSNError, match="corrupted"):
+        StoredMaskUnion(tmp_path, digests)
+    with pytest.raises(FGSNError, match="missing"):
+        StoredMaskUnion(tmp_path, ["0" * 64])

@@ -1023,8 +1023,10 @@ def write_entry_restored_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     reuse_from: Path | None = None,
 ) -> EditOutcome:
-    """Write fine-tuned weights with the masked entries restored to aligned."""
-    edited = sorted(n for n, m in masks.items() if bool(m.any()))
+    """Write fine-tuned weights with the masked entries restored to aligned. ``masks`` may unpack
+    each tensor's mask on access (``StoredMaskUnion``): only one is held at a time."""
+    counts = {n: int(m.sum()) for n, m in masks.items()}
+    edited = sorted(n for n, c in counts.items() if c)
     changed = 0
 
     def editor(name: str) -> Callable[[], torch.Tensor]:
@@ -1047,7 +1049,7 @@ def write_entry_restored_checkpoint(
         max_shard_bytes=max_shard_bytes,
         reuse_from=reuse_from,
     )
-    modified = sum(int(masks[n].sum()) for n in edited)
+    modified = sum(counts[n] for n in edited)
     total = trio.aligned.total_parameters()
     band_params = sum(trio.aligned.info(n).numel for n in band_tensor_names(trio, band, spaces))
     return EditOutcome(

@@ -48,7 +48,7 @@ from fgsn_daemon.core.prompts import load_prompts
 from fgsn_daemon.core.records import ApplyResult, Band, NeuronId, SkippedNeuron
 from fgsn_daemon.engine.activations import ActivationStats, resolve_device
 from fgsn_daemon.engine.continual import assign_claims, neurons_by_unit
-from fgsn_daemon.engine.entry_masks import load_masks, save_masks, union
+from fgsn_daemon.engine.entry_masks import StoredMaskUnion, save_masks
 from fgsn_daemon.engine.io.checkpoint import DEFAULT_MAX_SHARD_BYTES, folder_fingerprint
 from fgsn_daemon.engine.localisation import Selection, choose_band
 from fgsn_daemon.engine.pipeline import (
@@ -987,7 +987,7 @@ class Daemon:
         an earlier dimension; a rollback drops the revision's mask from the union, which equals a
         run without it."""
         reg = self.open_registry()
-        parts = []
+        digests = []
         for rev in claims:
             info = reg.revision(rev)
             digest = (info.summary or {}).get("entry_masks")
@@ -996,10 +996,11 @@ class Daemon:
                     f"{info.dimension} (revision {rev}) was applied with neuron units; entry units need an "
                     "entry mask for every applied revision: roll it back and re-apply it, or use unit=neuron"
                 )
-            if digest not in self._job_masks:  # content-addressed: a digest's masks never change
-                self._job_masks[digest] = load_masks(self.masks_dir, digest)
-            parts.append(self._job_masks[digest])
-        return union(parts)
+            digests.append(digest)
+        key = "\0".join(digests)
+        if key not in self._job_masks:  # content-addressed: the union of these digests never changes
+            self._job_masks[key] = StoredMaskUnion(self.masks_dir, digests)
+        return self._job_masks[key]
 
     def _sync_claims(
         self,
