@@ -1,0 +1,98 @@
+"""The efficacy harness's pure parts: grid parsing, setting names, the selection split's benign
+set, and the declared selection rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.lab.efficacy import Setting, calibration_prompts, choose_setting, load_inputs, parse_grid
+from fgsn_daemon.lab.experiments import TrioSpec
+
+
+def test_grid_items_carry_every_optional_field() -> None:
+    plain, full = parse_grid("entry:0.3:all:0,entry:0.5:all:1:c0.8:h2x0.05:s1:4")
+    assert plain == Setting("entry", 0.3, "all", 0.0)
+    assert (full.contrast, full.penalty, full.hard, full.hard_weight, full.guard) == (
+        0.8,
+        "refusal",
+        2,
+        0.05,
+        4.0,
+    )
+    assert full.name == "attribution/entry/0.5%/all/p1/c0.8/hard2x0.05/guard4"
+    assert parse_grid("entry:0.3:all:0:o1")[0].name == "attribution/entry/0.3%/all/p0/o1"
+    with pytest.raises(ConfigError, match="grid item"):
+        parse_grid("entry:0.3:all:0:hbad")
+
+
+def spec(tmp_path: Path, with_selection: bool) -> TrioSpec:
+    pol = tmp_path / "policies" / "cyber"
+    pol.mkdir(parents=True)
+    (pol / "policy.toml").write_text('description = "d"\nsource = "s"\nlicense = "MIT"\n')
+    lines = lambda xs: "".join(json.dumps({"prompt": x}) + "\n" for x in xs)  # noqa: E731
+    (pol / "harmful.jsonl").write_text(lines([f"train {i}" for i in range(6)]))
+    (pol / "harmful_eval.jsonl").write_text(lines([f"held {i}" for i in range(6)]))
+    (tmp_path / "benign.jsonl").write_text(lines([f"benign {i}" for i in range(10)]))
+    (tmp_path / "benign_eval.jsonl").write_text(lines(["eval a", "eval b"]))
+    (tmp_path / "selection.jsonl").write_text(lines(["held-out phrase a", "held-out phrase b"]))
+    (tmp_path / "utility.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(4))
+    )
+    return TrioSpec(
+        tmp_path,
+        tmp_path,
+        tmp_path,
+        tmp_path / "policies",
+        tmp_path / "benign.jsonl",
+        tmp_path / "benign_eval.jsonl",
+        tmp_path / "utility.jsonl",
+        tmp_path / "selection.jsonl" if with_selection else None,
+    )
+
+
+def test_the_selection_half_measures_over_refusal_on_its_own_file_when_there_is_one(tmp_path: Path) -> None:
+    with_file = spec(tmp_path / "a", True)
+    sel = load_inputs(with_file, "selection", 64, 4)
+    rep = load_inputs(with_file, "report", 64, 4)
+    assert sel.eval.benign == ["held-out phrase a", "held-out phrase b"]
+    assert rep.eval.benign == ["eval a", "eval b"]
+    assert sel.eval.harmful["cyber"] == ["held 0", "held 2", "held 4"]
+    assert rep.eval.harmful["cyber"] == ["held 1", "held 3", "held 5"]
+    # hard negatives may then look at every benign train prompt
+    assert calibration_prompts(with_file) == [f"benign {i}" for i in range(10)]
+    without = spec(tmp_path / "b", False)
+    leftovers = load_inputs(without, "selection", 64, 4)
+    assert set(leftovers.eval.benign).isdisjoint(leftovers.benign_train)
+    assert len(leftovers.eval.benign) == 6 and calibration_prompts(without) is None
+
+
+def row(name: str, asr: float, over: float, util: float, share: float, group: str = "fgsn") -> dict:
+    out = {
+        "name": name,
+        "group": group,
+        "mean_asr": asr,
+        "over_refusal": {"rate": over},
+        "utility": {"rate": util},
+        "share": share,
+    }
+    if group == "fgsn":
+        out["setting"] = {}
+    return out
+
+
+def test_the_declared_rule_keeps_the_limits_then_prefers_reaching_the_aligned_asr() -> None:
+    refs = [
+        row("aligned", 0.05, 0.30, 0.0, 0, "reference"),
+        row("finetuned", 0.98, 0.0, 0.89, 0, "reference"),
+    ]
+    over_limit = row("low asr, over-refuses", 0.07, 0.09, 0.88, 0.005)
+    within = row("within limits", 0.18, 0.04, 0.88, 0.005)
+    cheap = row("within, cheaper", 0.25, 0.03, 0.89, 0.002)
+    assert choose_setting([*refs, over_limit, within, cheap])["name"] == "within limits"
+    reaches = row("reaches aligned + 5", 0.09, 0.05, 0.87, 0.004)
+    assert choose_setting([*refs, over_limit, within, reaches])["name"] == "reaches aligned + 5"
+    assert choose_setting([*refs, over_limit]) is None
