@@ -38,6 +38,8 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
         p=preset["p"],
         contrast=preset["contrast"],
         penalty=preset["contrast_kind"],
+        hard=preset["hard_rounds"],
+        hard_weight=preset["hard_weight"],
     )
     assert contrasted.contrast > 0  # the default preset uses the contrast
     cfg = StudyConfig(

@@ -2,11 +2,14 @@
 settings, ``fgsn apply`` and the experiment harnesses all read them.
 
 - ``attribution`` (delta attribution; README "Efficacy"): single weight entries whose revert to the
-  aligned value most lowers the refusal loss, ranked over all layers by gain − 1 × the log-odds
-  contrast (how much reverting the entry makes benign prompts refused rather than answered), under
-  a global budget of 0.3 % of the parameters. Chosen on the SmolLM2 trio's selection half by the
-  declared rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points
-  of the fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5).
+  aligned value most lowers the refusal loss, ranked over all layers by gain − 1 × the refusal
+  contrast (how much reverting the entry brings refusal back on benign prompts), under a global
+  budget of 0.5 % of the parameters, then one round of over-refusal hard negatives (weight 0.05: the
+  entries behind the benign prompts the edited model refuses are penalised and the budget selected
+  again). Chosen on the SmolLM2 trio's selection half (over-refusal measured on held-out-phrase
+  benign prompts) by the declared rule (``efficacy.choose_setting``): the lowest ASR among the
+  settings within 5 points of the fine-tuned over-refusal and 2 points of its utility (none reached
+  the aligned ASR + 5).
 - ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
   and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
 - ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
@@ -26,14 +29,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "p": 0.0,
         "spaces": ("mlp", "attn"),
         "allocation": "global",
-        "budget": 0.3,
+        "budget": 0.5,
         "unit": "entry",
         "scope": "all",
         "guard": None,
         "contrast": 1.0,
-        "contrast_kind": "odds",
+        "contrast_kind": "refusal",
         "steps": 1,
-        "hard_rounds": 0,
+        "hard_rounds": 1,
         "hard_weight": 0.05,
     },
     "activation": {
