@@ -117,6 +117,10 @@ class FGSNParams:
         if is_activation_scoring(self.scoring):
             object.__setattr__(self, "allocation", "per_layer")
             object.__setattr__(self, "unit", "neuron")
+        # hard negatives belong to one-shot entry selection: another unit or iterative steps leave
+        # them out (so the default preset's value does not block --unit neuron or --steps N)
+        if self.unit != "entry" or self.steps > 1:
+            object.__setattr__(self, "hard_rounds", 0)
 
     def validate(self) -> None:
         scoring = get_scoring(self.scoring)
@@ -148,8 +152,6 @@ class FGSNParams:
                 f"hard_rounds must be in [0, 8] and hard_weight in [0, 100] "
                 f"(got {self.hard_rounds}, {self.hard_weight})"
             )
-        if self.hard_rounds and (self.unit != "entry" or self.steps > 1):
-            raise ConfigError("over-refusal hard negatives (hard_rounds) are for one-shot entry units")
         if not 0 < self.budget <= 100 or self.target_tokens < 1:
             raise ConfigError(f"budget must be in (0, 100] and target_tokens >= 1 (got {self.budget})")
         if self.positions not in ("all", "last"):
