@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -124,24 +125,14 @@ class FGSNParams(BaseModel):
             raise ValueError("spaces must not repeat")
         return value
 
-    @field_validator("scoring")
+    @field_validator("scoring", "operator")
     @classmethod
-    def _registered_scoring(cls, value: str) -> str:
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        from fgsn_daemon.engine.operators import get_operator
         from fgsn_daemon.engine.scorings import get_scoring
 
         try:
-            get_scoring(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("operator")
-    @classmethod
-    def _registered_operator(cls, value: str) -> str:
-        from fgsn_daemon.engine.operators import get_operator
-
-        try:
-            get_operator(value)
+            (get_scoring if info.field_name == "scoring" else get_operator)(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.named import NamedRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -37,31 +38,21 @@ class Operator:
         raise ConfigError(f"operator {self.name!r} has no block form")
 
 
-_REGISTRY: dict[str, Operator] = {}
+OPERATORS: NamedRegistry[Operator] = NamedRegistry("projection operator")
 
 
 def register(cls: type[Operator]) -> type[Operator]:
     """Class decorator: make ``cls`` available under ``cls.name`` everywhere an operator is chosen."""
-    name = getattr(cls, "name", "")
-    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
-        raise ConfigError(f"an operator name must be a lower-case identifier (got {name!r})")
-    if name in _REGISTRY and type(_REGISTRY[name]) is not cls:
-        raise ConfigError(f"operator {name!r} is already registered by {type(_REGISTRY[name]).__qualname__}")
-    _REGISTRY[name] = cls()
-    return cls
+    return OPERATORS.register(cls)
 
 
 def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    OPERATORS.unregister(name)
 
 
 def get_operator(name: str) -> Operator:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(f"'{n}'" for n in operator_names())
-        raise ConfigError(f"unknown projection operator {name!r} (choose from {known})") from None
+    return OPERATORS.get(name)
 
 
 def operator_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return OPERATORS.names()

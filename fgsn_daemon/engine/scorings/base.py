@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.named import NamedRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -45,33 +46,22 @@ class Scoring:
         raise ConfigError(f"scoring {self.name!r} is computed from gradients, not activation statistics")
 
 
-_REGISTRY: dict[str, Scoring] = {}
+SCORINGS: NamedRegistry[Scoring] = NamedRegistry("scoring")
 
 
 def register(cls: type[Scoring]) -> type[Scoring]:
     """Class decorator: make ``cls`` available under ``cls.name`` everywhere a scoring is chosen."""
-    name = getattr(cls, "name", "")
-    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
-        raise ConfigError(f"a scoring name must be a lower-case identifier (got {name!r})")
-    if name in _REGISTRY and type(_REGISTRY[name]) is not cls:
-        raise ConfigError(f"scoring {name!r} is already registered by {type(_REGISTRY[name]).__qualname__}")
-    _REGISTRY[name] = cls()
-    return cls
+    return SCORINGS.register(cls)
 
 
 def unregister(name: str) -> None:
-    """Remove a scoring (tests that register their own)."""
-    _REGISTRY.pop(name, None)
+    SCORINGS.unregister(name)
 
 
 def get_scoring(name: str) -> Scoring:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(f"'{n}'" for n in scoring_names())
-        raise ConfigError(f"unknown scoring {name!r} (choose from {known})") from None
+    return SCORINGS.get(name)
 
 
 def scoring_names(where: Callable[[Scoring], Any] | None = None) -> list[str]:
     """Registered names, sorted; ``where`` filters (e.g. ``lambda s: s.uses_activation_stats``)."""
-    return sorted(n for n, s in _REGISTRY.items() if where is None or where(s))
+    return SCORINGS.names(where)
