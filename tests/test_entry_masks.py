@@ -68,6 +68,7 @@ def test_the_stored_union_equals_the_loaded_union_and_checks_every_file(tmp_path
     eager = union([load_masks(tmp_path, d) for d in digests])
     assert sorted(stored) == sorted(eager) and len(stored) == 2
     assert all(torch.equal(stored[k], eager[k]) for k in eager)
+    assert "l0.gate" in stored and "l9.up" not in stored
     with pytest.raises(KeyError):
         stored["l9.up"]
     path = tmp_path / f"{digests[1]}.safetensors"

@@ -186,6 +186,9 @@ class StoredMaskUnion(Mapping[str, torch.Tensor]):
         assert out is not None
         return torch.from_numpy(out).reshape(shape)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would unpack the mask
+        return name in self._shapes
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(sorted(self._shapes))
 

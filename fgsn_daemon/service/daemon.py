@@ -438,17 +438,17 @@ class Daemon:
         reg = self.open_registry()
         params = engine_params(self.settings)
         key = f"benign+reference:{params.score_model}:{params.max_length}"
-        reference = self.settings.band_reference
-        # the shipped set is read only when no curve is cached; a custom set keys its own curve
-        prompts = reference_harmful_prompts(reference) if reference is not None else None
-        if prompts is not None:
+        loc = self.get_localiser()
+        # the lineage's reference set, read once with the Localiser (it also gives the contrast's
+        # targets); a custom set keys its own curve
+        prompts = list(loc.refusal_reference or ())
+        if self.settings.band_reference is not None:
             key += ":" + hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16]
         stored = reg.layer_curve(self.lineage_id, key)
-        loc = self.get_localiser()
         if stored is not None:
             loc.curve, loc.band = stored.curve, choose_band(stored.curve, params.band)
         else:
-            loc.establish_band(prompts if prompts is not None else reference_harmful_prompts())
+            loc.establish_band(prompts)
             assert loc.curve is not None and loc.band is not None
             with reg.transaction() as tx:
                 tx.save_layer_curve(self.lineage_id, loc.curve, loc.band, key)
