@@ -26,6 +26,7 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,49 +71,6 @@ def parse_grid(text: str) -> list[tuple[float, str, float, int, float]]:
         rounds, mu = (int(hard[0][1:].split("x")[0]), float(hard[0].split("x")[1])) if hard else (0, 0.0)
         out.append((float(budget), contrast[0], float(contrast[1:]), rounds, mu))
     return out
-
-
-def hard_negative_masks(
-    loc: Any,
-    model: Any,
-    trio: Any,
-    gain: dict[str, torch.Tensor],
-    cost: dict[str, torch.Tensor],
-    penalty: dict[str, torch.Tensor],
-    lam: float,
-    budget: int,
-    calibration: list[str],
-    rounds: int,
-    mu: float,
-) -> dict[str, torch.Tensor]:
-    """Select, find the calibration prompts the edited model refuses, add the effect of reverting
-    each entry on *those* refusals (the edited model's own words, measured at the fine-tuned
-    weights) to the penalty with weight ``mu``, and select again; ``rounds`` times."""
-    from fgsn_daemon.engine.evaluation import generate_responses
-    from fgsn_daemon.engine.refusal import KeywordJudge
-
-    names = sorted(gain)
-    masks = select_entries(gain, cost, budget, 0.0, penalty, lam)
-    hard: dict[str, torch.Tensor] | None = None
-    for r in range(rounds):
-        with restored_in_memory(model, trio, masks=masks):
-            answers = generate_responses(model, loc.tokenizer, calibration, 16, 32)
-        refused = KeywordJudge().judge(calibration, answers)
-        pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
-        LOG.info(
-            "hard negatives round %d: %d of %d calibration prompts refused",
-            r + 1,
-            len(pairs),
-            len(calibration),
-        )
-        if not pairs:
-            break
-        eff = loc._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
-        h = {n: -eff.entries[n] for n in names}
-        hard = h if hard is None else {n: hard[n] + h[n] for n in names}
-        combined = {n: lam * penalty[n] + mu * hard[n] for n in names}
-        masks = select_entries(gain, cost, budget, 0.0, combined, 1.0)
-    return masks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         cost = {n: benign.entries[n] for n in gain}
         calibration = list(dict.fromkeys(load_prompts(spec.benign) + contrast_prompts))
         for budget, kind, lam, rounds, mu in parse_grid(args.grid):
-            penalty = contrast_penalty(refusal, benign, list(gain), "odds" if kind == "o" else "refusal")
+            kind_name = "odds" if kind == "o" else "refusal"
+            penalty = contrast_penalty(refusal, benign, list(gain), kind_name)
             assert penalty is not None
             n_budget = int(total * budget / 100)
-            if rounds:
-                masks = hard_negative_masks(
-                    loc, model, trio, gain, cost, penalty, lam, n_budget, calibration, rounds, mu
+            masks = select_entries(gain, cost, n_budget, 0.0, penalty, lam)
+            if rounds:  # the engine's hard-negative rounds, on every benign train prompt
+                loc.params = replace(
+                    loc.params, contrast=lam, contrast_kind=kind_name, hard_rounds=rounds, hard_weight=mu
                 )
-            else:
-                masks = select_entries(gain, cost, n_budget, 0.0, penalty, lam)
+                loc.calibration_prompts = calibration
+                masks = loc.hard_negative_masks(masks, gain, cost, penalty, n_budget, sorted(gain))
             hard = f"/hard{rounds}x{mu:g}" if rounds else ""
             name = f"entry/{budget:g}%/{kind}{lam:g}{hard}/pool{len(contrast_prompts)}"
             with restored_in_memory(model, trio, masks=masks):
