@@ -505,7 +505,15 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 masks = masks_at(budget)
                 extra["guard_trace"] = list(loc.guard_trace)
                 if st.hard:
-                    loc.params = replace(loc.params, hard_rounds=st.hard, hard_weight=st.hard_weight)
+                    # the rounds re-select with the setting's own contrast, as the engine does
+                    loc.params = replace(
+                        loc.params,
+                        p=st.p,
+                        contrast=st.contrast,
+                        contrast_kind=kind,
+                        hard_rounds=st.hard,
+                        hard_weight=st.hard_weight,
+                    )
                     masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain))
                     extra["hard_trace"] = list(loc.hard_trace)
                 return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
