@@ -19,7 +19,7 @@ def run_migrations() -> None:
         # Plain `alembic` command line: use the URL from the config (sqlalchemy.url).
         url = context.config.get_main_option("sqlalchemy.url")
         if not url:
-            raise RuntimeError("run migrations through fgsn_daemon.service.registry.db, or set sqlalchemy.url")
+            raise RuntimeError("run migrations through fgsn_daemon.service.registry.db or set sqlalchemy.url")
         engine = create_engine(url)
         with engine.begin() as own_connection:
             _configure_and_run(own_connection)
