@@ -655,3 +655,71 @@ def test_cli_reports_a_missing_sqlite_registry(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "no registry database" in result.output
     assert not (tmp_path / "absent.db").exists()  # a query never creates the database
+
+
+def grow(registry: Registry, lineage_id: int, start: int, count: int) -> None:
+    """``count`` more dimensions, each with two revisions (one applied with a claim and a
+    candidate), a version and a job."""
+    parent = registry.current_version(lineage_id)
+    parent_id = None if parent is None else parent.id
+    for k in range(start, start + count):
+        name = f"dim{k:03d}"
+        neuron = scored(3, k)
+        with registry.transaction() as tx:
+            old = tx.add_revision(lineage_id, name, f"fp-{name}-1")
+            tx.set_revision_status(old, RevisionStatus.SUPERSEDED)
+            rev = tx.add_revision(lineage_id, name, f"fp-{name}-2")
+            tx.record_revision_result(rev, apply_result([neuron], [neuron], []))
+            tx.claim_neurons(rev, [neuron.id])
+            tx.set_revision_status(rev, RevisionStatus.APPLIED)
+            parent_id = tx.add_version(lineage_id, f"/state/versions/{name}", [rev], parent_id=parent_id)
+            tx.create_job(lineage_id, JobKind.APPLY, revision_id=rev)
+
+
+def test_list_queries_cost_the_same_number_of_statements_for_3_or_30_rows(registry_url: str) -> None:
+    """No query per row: listing revisions, dimensions, versions and jobs, and the status view,
+    issue as many statements for 30 dimensions as for 3."""
+    from sqlalchemy import event
+
+    registry = Registry.open(registry_url)
+    with registry:
+        lineage_id = new_lineage(registry)
+        statements: list[str] = []
+
+        def count(*args: object) -> None:
+            statements.append(str(args[2]))
+
+        event.listen(registry.engine, "before_cursor_execute", count)
+
+        def cost() -> dict[str, int]:
+            out = {}
+            for label, query in {
+                "revisions": lambda: registry.revisions(lineage_id),
+                "dimensions": lambda: registry.dimensions(lineage_id),
+                "dimension": lambda: registry.dimension(lineage_id, "dim000"),
+                "versions": lambda: registry.versions(lineage_id),
+                "jobs": lambda: registry.jobs(lineage_id),
+                "status": lambda: registry.status(lineage_id),
+            }.items():
+                statements.clear()
+                query()
+                out[label] = len(statements)
+            return out
+
+        grow(registry, lineage_id, 0, 3)
+        small = cost()
+        assert len(registry.revisions(lineage_id)) == 6
+        grow(registry, lineage_id, 3, 27)
+        large = cost()
+        event.remove(registry.engine, "before_cursor_execute", count)
+        assert large == small
+        # and the views still carry the per-row facts the batched queries gathered
+        dims = registry.dimensions(lineage_id)
+        assert len(dims) == 30
+        assert all(d.latest is not None and d.latest.number == 2 for d in dims)
+        assert all(d.latest is not None and (d.latest.selected, d.latest.active_claims) == (1, 1) for d in dims)
+        versions = registry.versions(lineage_id)
+        assert [v.parent_number for v in versions] == [None, *range(1, 30)]
+        assert [v.current for v in versions] == [False] * 29 + [True]
+        assert versions[7].revisions == ["dim007#2"]
+        assert {j.dimension for j in registry.jobs(lineage_id)} == {f"dim{k:03d}" for k in range(30)}

@@ -18,6 +18,7 @@ import typer
 from pydantic import BaseModel
 
 from fgsn_daemon.core.errors import ConfigError, FGSNError
+from fgsn_daemon.service.registry import EventInfo, Registry, RegistrySnapshot, RevisionInfo
 from fgsn_daemon.service.registry.db import (
     current_revision,
     head_revision,
@@ -25,7 +26,6 @@ from fgsn_daemon.service.registry.db import (
     sqlite_path,
     upgrade_to_head,
 )
-from fgsn_daemon.service.registry.store import EventInfo, Registry, RegistrySnapshot, RevisionInfo
 from fgsn_daemon.service.settings import (
     Settings,
     effective_config,

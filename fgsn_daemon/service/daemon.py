@@ -63,7 +63,7 @@ from fgsn_daemon.engine.scorings import get_scoring
 from fgsn_daemon.service.integrity import REPAIRABLE, damaged_files
 from fgsn_daemon.service.registry import Registry, is_unavailable
 from fgsn_daemon.service.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
-from fgsn_daemon.service.registry.store import JobInfo, LineageInfo, VersionInfo
+from fgsn_daemon.service.registry.views import JobInfo, LineageInfo, VersionInfo
 from fgsn_daemon.service.settings import Settings, mask_database_url
 from fgsn_daemon.service.versions import VersionRepairError, VersionStore
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from fgsn_daemon.core.durable import write_text_durably
 
 if TYPE_CHECKING:
-    from fgsn_daemon.service.registry.store import VersionInfo
+    from fgsn_daemon.service.registry.views import VersionInfo
 
 MANIFEST_NAME = "MANIFEST.sha256.json"
 MANIFEST_FORMAT = 1

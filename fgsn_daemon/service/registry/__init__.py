@@ -8,8 +8,9 @@ from fgsn_daemon.service.registry.db import (
     upgrade_to_head,
 )
 from fgsn_daemon.service.registry.models import CandidateOutcome, JobKind, JobState, RevisionStatus
-from fgsn_daemon.service.registry.store import (
-    JOB_TRANSITIONS,
+from fgsn_daemon.service.registry.queries import StaleRegistryError
+from fgsn_daemon.service.registry.store import Registry, RegistrySnapshot
+from fgsn_daemon.service.registry.views import (
     CandidateInfo,
     ClaimInfo,
     DimensionDetail,
@@ -18,16 +19,12 @@ from fgsn_daemon.service.registry.store import (
     HeartbeatInfo,
     JobInfo,
     LineageInfo,
-    NeuronAlreadyClaimedError,
-    Registry,
-    RegistrySnapshot,
-    RegistryWriter,
     RevisionInfo,
-    StaleRegistryError,
     StatusInfo,
     StoredCurveInfo,
     VersionInfo,
 )
+from fgsn_daemon.service.registry.writer import JOB_TRANSITIONS, NeuronAlreadyClaimedError, RegistryWriter
 
 __all__ = [
     "JOB_TRANSITIONS",
