@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -164,82 +163,37 @@ def rollback(
 ) -> None:
     """Roll a dimension back "as if never applied": its neurons return to their fine-tuned values and
     later dimensions take over the neurons they had skipped because it owned them."""
+    from fgsn_daemon.service import rollback as rollbacks
     from fgsn_daemon.service.daemon import Daemon, DaemonLockedError
-    from fgsn_daemon.service.registry.models import JobKind, JobState
 
     setup_logging(False)
     try:
         settings = _settings(config, database_url, state_dir)
         daemon = Daemon(settings)
         try:
-            lineage = daemon.open_registry().default_lineage_id()
-            if lineage is None:
-                _fail(f"no daemon has run on {settings.state_dir} yet: nothing to roll back")
-            daemon.lineage_id = int(lineage)  # type: ignore[arg-type]
+            rollbacks.attach_default_lineage(daemon)
             if dry_run:
-                target, remaining, before, after = daemon.plan_rollback(dimension)
-                reg = daemon.open_registry()
-                gains = {
-                    reg.revision(r).dimension: len(set(after[r]) - set(before[r]))
-                    for r in remaining
-                    if set(after[r]) != set(before[r])
-                }
-                plan = {
-                    "dimension": dimension,
-                    "revision": target,
-                    "released": len(before[target]),
-                    "taken_over_by": gains,
-                    "frozen_after": sum(len(v) for v in after.values()),
-                }
+                plan = rollbacks.plan(daemon, dimension)
                 typer.echo(
-                    json.dumps(plan, indent=2)
+                    plan.model_dump_json(indent=2)
                     if as_json
                     else (
-                        f"would roll back {dimension} (revision {target}): {plan['released']} neurons "
-                        "return to "
-                        f"their fine-tuned values; taken over by later dimensions: {gains or 'none'}; "
-                        f"{plan['frozen_after']} neurons frozen afterwards"
+                        f"would roll back {dimension} (revision {plan.revision}): {plan.released} neurons "
+                        "return to their fine-tuned values; taken over by later dimensions: "
+                        f"{plan.taken_over_by or 'none'}; {plan.frozen_after} neurons frozen afterwards"
                     )
                 )
                 return
             try:
                 daemon.acquire_lock()
             except DaemonLockedError:
-                # The running daemon is the single writer of versions: hand it a rollback job.
-                daemon.plan_rollback(dimension)  # fail now on an unknown dimension
-                with daemon.open_registry().transaction() as tx:
-                    job = tx.create_job(daemon.lineage_id, JobKind.ROLLBACK, details={"dimension": dimension})
+                job = rollbacks.queue(daemon, dimension)
                 typer.echo(f"rollback of {dimension} queued as job {job}; waiting for the running daemon")
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline:
-                    state = daemon.open_registry().job(job).state
-                    if state in (JobState.DONE, JobState.FAILED, JobState.DISCARDED):
-                        break
-                    time.sleep(0.5)
-                info = daemon.open_registry().job(job)
-                if info.state != JobState.DONE:
-                    _fail(f"rollback job {job} is {info.state}: {info.error or 'still running'}")
+                rollbacks.wait_for(daemon, dimension, job, wait)
                 typer.echo(f"rolled back {dimension}")
                 return
-            daemon.start()
-            # a rollback of this dimension interrupted earlier (requeued by start) is resumed, not doubled
-            reg = daemon.open_registry()
-            waiting = [
-                j.id
-                for j in reg.jobs(daemon.lineage_id, unfinished_only=True)
-                if j.kind == JobKind.ROLLBACK and (j.details or {}).get("dimension") == dimension
-            ]
-            if waiting:
-                job = waiting[0]
-            else:
-                with reg.transaction() as tx:
-                    job = tx.create_job(daemon.lineage_id, JobKind.ROLLBACK, details={"dimension": dimension})
-            daemon.run_job(reg.job(job))
-            info = daemon.open_registry().job(job)
-            if info.state != JobState.DONE:
-                _fail(info.error or f"rollback job ended {info.state}")
-            current = daemon.open_registry().current_version(daemon.lineage_id)
-            typer.echo(f"rolled back {dimension}; current version {current.number if current else '?'}")
+            done = rollbacks.run_here(daemon, dimension)
+            typer.echo(f"rolled back {dimension}; current version {done.current_version or '?'}")
         finally:
             daemon.close()
     except FGSNError as exc:
