@@ -346,3 +346,35 @@ def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(t
     assert replace(base, hard_rounds=1, unit="neuron").hard_rounds == 0
     assert replace(base, hard_rounds=1, steps=2).hard_rounds == 0
     models.close()
+
+
+def test_balanced_dimensions_weigh_each_dimension_loss_equally(trio):
+    """``mean_effects`` of per-dimension effects is the effect on the mean of the dimensions' mean
+    losses: here 2 prompts of one and 6 of another, so each of the first weighs 3× one of the
+    second — unlike the pooled loss, where every prompt weighs the same."""
+    from fgsn_daemon.lab.efficacy import mean_effects
+
+    model = load_model(trio["finetuned"], torch.device("cpu"), dtype=torch.float64)
+    tok = load_tokenizer(trio["finetuned"])
+    names = scored_names(trio)
+    deltas = revert_deltas(trio, names)
+    prompts, responses = HARMFUL[:8], RESPONSES[:8]
+    a = delta_effects(model, tok, prompts[:2], responses[:2], deltas, entries=True, max_length=64)
+    b = delta_effects(model, tok, prompts[2:], responses[2:], deltas, entries=True, max_length=64)
+    a_entries = {n: t.clone() for n, t in a.entries.items()}
+    balanced = mean_effects([a, b])
+    pooled = delta_effects(model, tok, prompts, responses, deltas, entries=True, max_length=64)
+    assert balanced.loss == pytest.approx((a.loss + b.loss) / 2)
+    assert pooled.loss == pytest.approx((2 * a.loss + 6 * b.loss) / 8)
+    for n in names:
+        torch.testing.assert_close(balanced.rows[n], (a.rows[n] + b.rows[n]) / 2)
+        if n in a_entries:
+            torch.testing.assert_close(a.entries[n], a_entries[n])  # inputs left as they were
+            want = (a_entries[n] + b.entries[n]) / 2
+            torch.testing.assert_close(balanced.entries[n], want, atol=1e-6, rtol=1e-5)
+            pooled_mix = (2 * a_entries[n] + 6 * b.entries[n]) / 8
+            scale = float(pooled_mix.abs().max()) + 1e-12
+            torch.testing.assert_close(pooled.entries[n], pooled_mix, atol=1e-5 * scale, rtol=1e-4)
+    assert any(
+        not torch.allclose(balanced.entries[n], pooled.entries[n], atol=1e-7) for n in balanced.entries
+    )

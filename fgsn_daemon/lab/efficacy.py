@@ -23,7 +23,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,13 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
     return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility))
 
 
-def calibration_prompts(spec: TrioSpec) -> list[str] | None:
-    """The benign prompts hard negatives are found in: every benign train prompt when the selection
-    half measures over-refusal on its own file (neither evaluation set is then touched), else only
-    the scoring prompts (the unused ones are the selection half's measure)."""
+def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[str] | None:
+    """The benign prompts hard negatives are found in: ``override`` (a JSONL file) when given, else
+    every benign train prompt when the selection half measures over-refusal on its own file
+    (neither evaluation set is then touched), else only the scoring prompts (the unused ones are the
+    selection half's measure)."""
+    if override is not None:
+        return load_prompts(override)
     return load_prompts(spec.benign) if spec.benign_selection is not None else None
 
 
@@ -263,6 +266,10 @@ class StudyConfig:
     device: str = "auto"
     spaces: tuple[str, ...] = ("mlp", "attn")
     target_tokens: int = 16  # length of the attribution targets (refusals and answers)
+    calibration: Path | None = None  # hard negatives' benign prompts (default: calibration_prompts)
+    # the refusal loss as the mean of per-dimension losses (each dimension weighs the same, as in
+    # the mean ASR) instead of one loss over the pooled prompts
+    balance_dimensions: bool = False
 
 
 def effects_path(key: str) -> Path:
@@ -331,6 +338,30 @@ def load_effects(key: str) -> tuple[Any, Any] | None:
     return out["harm"], out["benign"]
 
 
+def mean_effects(parts: Iterable[Any]) -> Any:
+    """The effects on the mean of several losses (one per dimension, each a mean over its own
+    prompts): every dimension weighs the same, whatever its number of scoring prompts. Summed as
+    they come, so one dimension's effects are held at a time."""
+    from fgsn_daemon.engine.attribution import DeltaEffects
+
+    out, n = DeltaEffects(), 0
+    for part in parts:
+        n += 1
+        out.loss += part.loss
+        out.sequences += part.sequences
+        for kind in ("rows", "cols", "entries"):
+            table = getattr(out, kind)
+            for name, t in getattr(part, kind).items():
+                table[name] = t.clone() if name not in table else table[name].add_(t)
+    if n == 0:
+        raise ConfigError("no dimension to score")
+    out.loss /= n
+    for kind in ("rows", "cols", "entries"):
+        for t in getattr(out, kind).values():
+            t.div_(n)
+    return out
+
+
 def restrict_effects(effects: Any, names: Mapping[str, Any]) -> Any:
     from fgsn_daemon.engine.attribution import DeltaEffects
 
@@ -385,7 +416,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             target_tokens=cfg.target_tokens,
         )
         loc = Localiser(trio, base_params, device, inputs.benign_train, progress=log)
-        loc.calibration_prompts = calibration_prompts(cfg.spec)
+        loc.calibration_prompts = calibration_prompts(cfg.spec, cfg.calibration)
         loc.establish_band(pooled)
         assert loc.band is not None
         band = loc.band
@@ -397,10 +428,15 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         all_tensors = loc.scored_tensors(loc.attribution_layers())
         names = sorted(all_tensors)
         t_score = time.perf_counter()
-        key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params)
+        effects_kind = "refusal+benign/balanced" if cfg.balance_dimensions else "refusal+benign"
+        key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params, effects_kind)
         cached = load_effects(key)
         if cached is None:
-            harm_all, benign_all = loc.harmful_effects(pooled, names), loc.benign_effects(names)
+            if cfg.balance_dimensions:
+                harm_all = mean_effects(loc.harmful_effects(ps, names) for ps in inputs.train.values())
+            else:
+                harm_all = loc.harmful_effects(pooled, names)
+            benign_all = loc.benign_effects(names)
             save_effects(key, harm_all, benign_all)
         else:
             log(f"attribution effects reused from {effects_path(key)}")
@@ -707,7 +743,7 @@ def run_continual(
         # (the policies' first prompts per dimension), computed once for all dimensions
         reference = reference_harmful_prompts(cfg.spec.policies) if setting.contrast else None
         loc = Localiser(trio, params, device, inputs.benign_train, progress=log, refusal_reference=reference)
-        loc.calibration_prompts = calibration_prompts(cfg.spec)
+        loc.calibration_prompts = calibration_prompts(cfg.spec, cfg.calibration)
         loc.establish_band([p for ps in inputs.train.values() for p in ps])
         total = trio.aligned.total_parameters()
         candidates: dict[int, list[Any]] = {}
@@ -914,6 +950,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--controls", default="", help="activation scorings to show at the old default")
     ap.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES)}")
     ap.add_argument("--max-train-prompts", type=int, default=64)
+    ap.add_argument(
+        "--balance-dimensions",
+        action="store_true",
+        help="refusal loss = mean of the dimensions' losses (not one loss over the pooled prompts)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--target-tokens", type=int, default=16, help="length of the attribution targets")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -923,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--continual", action="store_true", help="apply the dimensions one by one (first --grid setting)"
     )
     ap.add_argument("--order", default="", help="continual: dimension order (default: folder order)")
+    ap.add_argument(
+        "--calibration", type=Path, help="JSONL of benign prompts the hard negatives are found in"
+    )
     return ap
 
 
@@ -1002,6 +1046,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_train=args.max_train_prompts,
             max_new_tokens=args.max_new_tokens,
             target_tokens=args.target_tokens,
+            calibration=args.calibration,
+            balance_dimensions=args.balance_dimensions,
             batch_size=args.batch_size,
             device=args.device,
         )
