@@ -145,3 +145,26 @@ def test_paired_bootstrap_sees_identical_arms_as_no_difference_and_a_shift_as_a_
         lambda idx: (sum(c[i] for i in idx["x"]) - sum(a[i] for i in idx["x"])) / 8, {"x": 8}, draws=500
     )
     assert lo < (sum(c) - sum(a)) / 8 < hi
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(-3, 3), min_size=1, max_size=12), min_size=1, max_size=6),
+    st.integers(0, 50),
+    st.sampled_from([0.0, 10.0]),
+)
+def test_entries_over_many_tensors_with_ties_match_a_sorted_reference(groups, budget, p):
+    """Many tensors and many equal scores: the two-pass selection (never concatenating the scores)
+    keeps the order of tensor names, then positions, for ties, and the cost cutoff's ties too."""
+    names = [f"t{i:02d}" for i in range(len(groups))]
+    gain = {n: torch.tensor(g, dtype=torch.float32) for n, g in zip(names, groups, strict=True)}
+    cost = {n: (gain[n] * 7 % 5).abs() for n in names}  # costs with ties as well
+    masks = select_entries(gain, cost, budget, p)
+    flat = [(n, i, float(v)) for n in names for i, v in enumerate(gain[n].tolist())]
+    costs = [float(c) for n in names for c in cost[n].tolist()]
+    k_excl = math.ceil(len(flat) * p / 100)
+    cutoff = sorted(costs, reverse=True)[k_excl - 1] if k_excl else math.inf
+    allowed = [j for j, (_, _, v) in enumerate(flat) if v > 0 and costs[j] < cutoff]
+    ref = sorted(allowed, key=lambda j: (-flat[j][2], j))[:budget]
+    chosen = [j for j, (n, i, _) in enumerate(flat) if bool(masks[n][i])]
+    assert sorted(chosen) == sorted(ref)

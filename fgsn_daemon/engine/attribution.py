@@ -207,10 +207,16 @@ def delta_effects(
             p.requires_grad_(r)
         model.train(was_training)
     out.sequences = n_seq
+    resident.clear()
     for name in sorted(keep_entries):
-        d = by_module[_split_name(name)[0]]["weight"]
-        g = grads.get(name, torch.zeros(d.shape, dtype=torch.float32))  # no token reached the module
-        effect = (g * d.to(g.device)).cpu()
+        # the accumulator becomes the effect in place: no third weight-sized tensor per scored
+        # entry next to the accumulators and the deltas
+        d = by_module[_split_name(name)[0]].pop("weight")
+        g = grads.pop(name, None)
+        if g is None:  # no token reached the module
+            g = torch.zeros(d.shape, dtype=torch.float32)
+        effect = g.mul_(d.to(g.device)).cpu()
+        del d
         out.entries[name] = effect
         out.rows[name] = effect.double().sum(dim=1)
         out.cols[name] = effect.double().sum(dim=0)

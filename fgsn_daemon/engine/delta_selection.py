@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -105,6 +105,20 @@ def select_global(
     return Selection(candidates, selected, skipped, counts)
 
 
+def _top_values(chunks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
+    """The k largest values over all ``chunks`` (1-D; fewer if there are fewer), largest first,
+    holding at most about 2k values at a time instead of concatenating everything."""
+    best: torch.Tensor | None = None
+    for chunk in chunks:
+        part = chunk if chunk.numel() <= k else torch.topk(chunk, k).values
+        best = part if best is None else torch.cat([best, part])
+        if best.numel() > k:
+            best = torch.topk(best, k).values
+    if best is None:
+        return torch.empty(0)
+    return torch.sort(best, descending=True).values
+
+
 def select_entries(
     gain: Mapping[str, torch.Tensor],
     cost: Mapping[str, torch.Tensor],
@@ -114,10 +128,14 @@ def select_entries(
     contrast: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Boolean masks (per tensor name) of the ``budget`` entries with the largest positive score,
-    skipping the top-p % by cost over all scored entries. Ties are broken by position.
+    skipping the top-p % by cost over all scored entries. Ties are broken by position (tensors in
+    name order, entries in row-major order).
 
     The score is ``gain`` or, with a refusal contrast, ``gain − contrast × penalty`` (``penalty``:
-    how much reverting the entry makes benign prompts refused) over entries whose gain is positive."""
+    how much reverting the entry makes benign prompts refused) over entries whose gain is positive.
+
+    Memory: one tensor's scores at a time plus O(budget) values (two passes over the tensors), so
+    a model's worth of scores is never concatenated."""
     if budget < 0 or not 0 <= p <= 100 or contrast < 0:
         raise ConfigError(
             f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
@@ -127,31 +145,35 @@ def select_entries(
     names = sorted(gain)
     if not names or budget == 0:
         return {n: torch.zeros_like(gain[n], dtype=torch.bool) for n in names}
-    cutoff = _cost_cutoff(torch.cat([cost[n].flatten() for n in names]), p)
+    n_excluded = math.ceil(sum(cost[n].numel() for n in names) * p / 100.0)
+    cutoff = (
+        float(_top_values((cost[n].flatten() for n in names), n_excluded)[-1]) if n_excluded > 0 else math.inf
+    )
 
     def score(n: str) -> torch.Tensor:
         g = gain[n].float()
         s = g - contrast * penalty[n].float() if contrast > 0 and penalty is not None else g
+        # float32 throughout: the k-th value is one of these scores, so comparisons are exact
         return torch.where((cost[n] < cutoff) & (g > 0), s, torch.zeros_like(s)).flatten()
 
-    flat = torch.cat([score(n) for n in names])
-    k = min(budget, int((flat > 0).sum()))
-    masks_flat = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        # topk is not guaranteed stable: take the k-th value, then every entry above it and the
-        # first (by position) entries equal to it
-        kth = float(torch.topk(flat, k).values[-1])
-        above = flat > kth
-        need = k - int(above.sum())
-        ties = torch.nonzero(flat == kth).flatten()[:need]
-        masks_flat |= above
-        masks_flat[ties] = True
+    # pass 1: the best ``budget`` positive scores (every score above the k-th is among them)
+    best = _top_values((v[v > 0] for v in map(score, names)), budget)
+    k = best.numel()  # min(budget, number of positive scores)
+    if k == 0:
+        return {n: torch.zeros_like(gain[n], dtype=torch.bool) for n in names}
+    # pass 2: topk is not guaranteed stable: take the k-th value, then every entry above it and
+    # the first (by position) entries equal to it
+    kth = float(best[k - 1])
+    need = k - int((best > kth).sum())
     out: dict[str, torch.Tensor] = {}
-    offset = 0
     for n in names:
-        size = gain[n].numel()
-        out[n] = masks_flat[offset : offset + size].reshape(gain[n].shape)
-        offset += size
+        flat = score(n)
+        mask = flat > kth
+        if need > 0:
+            ties = torch.nonzero(flat == kth).flatten()[:need]
+            mask[ties] = True
+            need -= len(ties)
+        out[n] = mask.reshape(gain[n].shape)
     return out
 
 
