@@ -241,3 +241,39 @@ def test_existing_output_is_refused(trio, tmp_path):
     with pytest.raises(FGSNError, match="output exists"):
         resta(trio, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_baselines_are_a_registry_and_a_new_one_plugs_in_from_a_test_module(trio, tmp_path):
+    """The four baselines are registered by name; one registered here is listed by the harnesses
+    and runs through the same interface, with nothing else edited."""
+    from fgsn_daemon.lab import baselines
+    from fgsn_daemon.lab.efficacy import baseline_choices
+
+    assert baselines.baseline_names() == ["random_neurons", "resta", "restore_band", "safe_lora"]
+    inputs = baselines.BaselineInputs(trio=trio, options={"beta": 0.25})
+    via_registry = baselines.get_baseline("resta").write(inputs, tmp_path / "registry")
+    direct = resta(trio, tmp_path / "direct", beta=0.25)
+    assert via_registry.params == direct.params
+    assert load_all(tmp_path / "registry").keys() == load_all(tmp_path / "direct").keys()
+    for name, t in load_all(tmp_path / "registry").items():
+        assert torch.equal(t, load_all(tmp_path / "direct")[name]), name
+    with pytest.raises(ConfigError, match="needs FGSN's selection"):
+        baselines.get_baseline("random_neurons").write(inputs, tmp_path / "random")
+
+    @baselines.register
+    class Untouched(baselines.Baseline):
+        name = "untouched_test"
+        label = "fine-tuned, unchanged"
+
+        def write(self, inputs: baselines.BaselineInputs, out: Path) -> baselines.BaselineResult:
+            return baselines.get_baseline("resta").write(
+                baselines.BaselineInputs(trio=inputs.trio, options={"beta": 0.0}), out
+            )
+
+    try:
+        assert "untouched_test" in baseline_choices()
+        res = baselines.get_baseline("untouched_test").write(inputs, tmp_path / "untouched")
+        assert res.changed_parameters == 0
+    finally:
+        baselines.BASELINES.unregister("untouched_test")
+    assert "untouched_test" not in baselines.baseline_names()

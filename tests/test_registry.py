@@ -717,7 +717,9 @@ def test_list_queries_cost_the_same_number_of_statements_for_3_or_30_rows(regist
         dims = registry.dimensions(lineage_id)
         assert len(dims) == 30
         assert all(d.latest is not None and d.latest.number == 2 for d in dims)
-        assert all(d.latest is not None and (d.latest.selected, d.latest.active_claims) == (1, 1) for d in dims)
+        assert all(
+            d.latest is not None and (d.latest.selected, d.latest.active_claims) == (1, 1) for d in dims
+        )
         versions = registry.versions(lineage_id)
         assert [v.parent_number for v in versions] == [None, *range(1, 30)]
         assert [v.current for v in versions] == [False] * 29 + [True]

@@ -648,7 +648,14 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
     }
 
 
-BASELINES = ("safe_lora", "resta", "paper")
+PAPER = "paper"  # the FGSN paper's reading: an FGSN preset, shown beside the baselines
+DENSE_OPTIONS = {"tau": 0.5, "beta": 0.5}  # Safe LoRA's τ and RESTA's β
+
+
+def baseline_choices() -> list[str]:
+    from fgsn_daemon.lab.baselines import baseline_names
+
+    return [*baseline_names(), PAPER]
 
 
 def baseline_row(
@@ -661,9 +668,9 @@ def baseline_row(
     device: torch.device,
     evaluated: Callable[[str, Any, Mapping[str, Any]], dict[str, Any]],
 ) -> dict[str, Any]:
-    """A dense baseline (Safe LoRA τ = 0.5, RESTA β = 0.5) or the FGSN paper's reading (Wanda
-    scores, q = p = 5 % of each band layer's MLP neurons, Safe-LoRA operator), written to a scratch
-    checkpoint by the same code as the main table and evaluated like every other row."""
+    """A registered baseline (Safe LoRA τ = 0.5, RESTA β = 0.5, ...) or the FGSN paper's reading
+    (Wanda scores, q = p = 5 % of each band layer's MLP neurons, Safe-LoRA operator), written to a
+    scratch checkpoint by the same code as the main table and evaluated like every other row."""
     import shutil
     import tempfile
 
@@ -671,17 +678,13 @@ def baseline_row(
     from fgsn_daemon.engine.pipeline import write_edited_checkpoint
     from fgsn_daemon.lab import baselines
 
+    if method not in baseline_choices():
+        raise ConfigError(f"unknown baseline {method!r} (choose from {', '.join(baseline_choices())})")
     scratch = Path(tempfile.mkdtemp(prefix="fgsn-efficacy-"))
     out = scratch / "model"
     try:
         extra: dict[str, Any] = {"group": "baseline"}
-        if method == "safe_lora":
-            res = baselines.safe_lora(trio, out, tau=0.5)
-            extra["share"], name = res.share_modified, "Safe LoRA (τ = 0.5)"
-        elif method == "resta":
-            res = baselines.resta(trio, out, beta=0.5)
-            extra["share"], name = res.share_modified, "RESTA (β = 0.5)"
-        elif method == "paper":
+        if method == PAPER:
             loc.params = replace(loc.params, allocation="per_layer", unit="neuron", spaces=("mlp",))
             scores = loc.score(loc.collect(harmful, band.layers), loc.collect(benign, band.layers), "wanda")
             neurons = group_by_layer_space(select_neurons(scores, 5.0, 5.0).selected)
@@ -689,7 +692,11 @@ def baseline_row(
             extra["share"], name = outcome.modification.ratio, "paper reading (Wanda / Safe LoRA / q 5 / MLP)"
             extra["_neurons"] = neurons
         else:
-            raise ConfigError(f"unknown baseline {method!r} (choose from {', '.join(BASELINES)})")
+            baseline = baselines.get_baseline(method)
+            inputs = baselines.BaselineInputs(trio=trio, band=band, options=DENSE_OPTIONS)
+            res = baseline.write(inputs, out)
+            knobs = {"safe_lora": " (τ = 0.5)", "resta": " (β = 0.5)"}
+            extra["share"], name = res.share_modified, f"{baseline.label}{knobs.get(method, '')}"
         model = load_model(out, device)
         neurons_kept = extra.pop("_neurons", None)
         row = evaluated(name, model, extra)
@@ -948,7 +955,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--random-seeds", default="0")
     ap.add_argument("--controls", default="", help="activation scorings to show at the old default")
-    ap.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES)}")
+    ap.add_argument(
+        "--baselines",
+        default="",
+        help="comma list of baselines: the registered ones (fgsn_daemon.lab.baselines) and 'paper'",
+    )
     ap.add_argument("--max-train-prompts", type=int, default=64)
     ap.add_argument(
         "--balance-dimensions",

@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -470,43 +471,45 @@ def fgsn_rows(
     return rows
 
 
+TABLE_ORDER = ("safe_lora", "resta", "random_neurons", "restore_band")
+
+
 def baseline_rows(
     ctx: Context, trio: ModelTrio, band: Band, default_neurons: dict[tuple[int, str], list[int]]
 ) -> list[Row]:
+    """One row per registered baseline (seeded ones: one per seed, then their average), given the
+    default FGSN selection's band, spaces, operator and per-(layer, space) counts."""
     cfg, params = ctx.cfg, ctx.cfg.params
-    rows = [
-        edited_row(
-            ctx,
-            "baseline/safe_lora",
-            "baseline",
-            baseline_edit(lambda out: baselines.safe_lora(trio, out, tau=cfg.safe_lora_tau)),
-        ),
-        edited_row(
-            ctx,
-            "baseline/resta",
-            "baseline",
-            baseline_edit(lambda out: baselines.resta(trio, out, beta=cfg.resta_beta)),
-        ),
-    ]
-    seeds = []
-    for seed in cfg.random_seeds:
-        # the default FGSN selection's per-(layer, space) counts, random indices, same operator
-        def run(out: Path, seed: int = seed) -> baselines.BaselineResult:
-            return baselines.random_neurons(
-                trio, out, default_neurons, band, operator=params.operator, seed=seed, rank=params.rank
-            )
-
-        seeds.append(edited_row(ctx, f"baseline/random_neurons/seed{seed}", "baseline", baseline_edit(run)))
-    if seeds:
-        rows.append(average_rows("baseline/random_neurons", "baseline", seeds))
-    rows.append(
-        edited_row(
-            ctx,
-            "baseline/restore_band",
-            "baseline",
-            baseline_edit(lambda out: baselines.restore_band(trio, out, band, params.spaces)),
-        )
+    inputs = baselines.BaselineInputs(
+        trio=trio,
+        band=band,
+        spaces=params.spaces,
+        operator=params.operator,
+        rank=params.rank,
+        neurons=default_neurons,
+        options={"tau": cfg.safe_lora_tau, "beta": cfg.resta_beta},
     )
+    rows: list[Row] = []
+    # the tables' long-standing order first, then any newly registered baseline
+    known = [n for n in TABLE_ORDER if n in baselines.baseline_names()]
+    for name in known + [n for n in baselines.baseline_names() if n not in known]:
+        method = baselines.get_baseline(name)
+        if not method.seeded:
+            rows.append(
+                edited_row(ctx, f"baseline/{name}", "baseline", baseline_edit(partial(method.write, inputs)))
+            )
+            continue
+        seeds = [
+            edited_row(
+                ctx,
+                f"baseline/{name}/seed{seed}",
+                "baseline",
+                baseline_edit(partial(method.write, replace(inputs, seed=seed))),
+            )
+            for seed in cfg.random_seeds
+        ]
+        if seeds:
+            rows.append(average_rows(f"baseline/{name}", "baseline", seeds))
     return rows
 
 

@@ -1,33 +1,23 @@
-"""Post-hoc safety baselines, written with the same streaming checkpoint writer as FGSN.
-
-Each baseline is a pure function of the three immutable checkpoints (base, aligned, fine-tuned)
-and writes a loadable model folder; untouched tensors are copied byte for byte, so the share of
-parameters modified is counted the same way for every method (denominator: all parameters
-stored in the fine-tuned checkpoint).
-
-- :func:`safe_lora` — Safe LoRA (Hsu et al., NeurIPS 2024) applied to full weights, per linear
-  module: project the fine-tuning delta with ``C = V Vᵀ / ‖V‖_F`` where it points away from the
-  alignment direction.
-- :func:`resta` — RESTA (Bhardwaj et al., ACL 2024): add back a scaled safety vector everywhere.
-- :func:`random_neurons` — the same per-layer neuron count and band as an FGSN run, with random
-  indices, projected with the same operator (the control FGSN must beat).
-- :func:`restore_band` — every neuron of the band set back to its aligned value.
-"""
+"""What every baseline shares: its result record, the math helpers with their dense references in
+the tests, staged writing, and the registry (one module per baseline in this package)."""
 
 from __future__ import annotations
 
 import random
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.named import NamedRegistry
 from fgsn_daemon.core.precision import round_to
 from fgsn_daemon.core.records import Band, NeuronId
-from fgsn_daemon.engine.io.checkpoint import write_checkpoint
 from fgsn_daemon.engine.pipeline import ModelTrio, prepare_output_dir, publish, write_edited_checkpoint
 
 # The linear modules Safe LoRA targets (its default LoRA targets are q/v; full FT touches all).
@@ -65,9 +55,6 @@ class BaselineResult(_Record):
     denominator: str = "all parameters stored in the fine-tuned checkpoint"
     modules: list[ModuleCosine] = []  # Safe LoRA: every candidate module and its decision
     neurons: dict[str, list[int]] = {}  # neuron baselines: "layer:space" -> indices
-
-
-# ------------------------------------------------------------------------------------- math
 
 
 def safe_lora_update(
@@ -124,10 +111,7 @@ def neuron_counts(
     return counts
 
 
-# ---------------------------------------------------------------------------------------- I/O
-
-
-def _staged(out: str | Path, write: Callable[[Path], None]) -> Path:
+def write_staged(out: str | Path, write: Callable[[Path], None]) -> Path:
     """Write into a staging folder next to ``out`` and rename it into place (nothing half-written)."""
     out_path = Path(out)
     staging = prepare_output_dir(out_path)
@@ -157,146 +141,11 @@ def linear_modules(trio: ModelTrio, modules: Sequence[str]) -> list[str]:
     return sorted(out)
 
 
-def _changed(new: torch.Tensor, ft: torch.Tensor) -> int:
+def changed_entries(new: torch.Tensor, ft: torch.Tensor) -> int:
     return int((new != ft).sum())
 
 
-def safe_lora(
-    trio: ModelTrio,
-    out: str | Path,
-    tau: float = 0.5,
-    modules: Sequence[str] = DEFAULT_MODULES,
-    top_k: int | None = None,
-) -> BaselineResult:
-    """Safe LoRA on full weights: per module, ``V = W_al − W_base``, ``ΔW = W_ft − W_al``; where
-    ``cos(C·ΔW, ΔW) ≤ τ`` (the update lies far from the alignment subspace; ``≤`` as in IBM's
-    code) set ``W = W_al + C·ΔW``. ``top_k`` instead projects the k lowest-cosine modules (Safe
-    LoRA's ``number`` mode). Modules whose V or ΔW is zero are left as fine-tuned."""
-    names = linear_modules(trio, modules)
-    if not names:
-        raise ConfigError(f"no linear modules named {', '.join(modules)} in the checkpoint")
-    cosines: dict[str, float | None] = {}
-    for name in names:  # pass 1: decide (one module in memory at a time)
-        _, cosines[name] = safe_lora_update(*_triple(trio, name))
-    scored = {n: c for n, c in cosines.items() if c is not None}
-    if top_k is not None:
-        chosen = set(sorted(scored, key=lambda n: (scored[n], n))[: max(0, top_k)])
-    else:
-        chosen = {n for n, c in scored.items() if c <= tau}
-    changed = 0
-
-    def editor(name: str) -> Callable[[], torch.Tensor]:
-        def compute() -> torch.Tensor:  # pass 2: recompute rather than hold every result
-            nonlocal changed
-            ft, al, base = _triple(trio, name)
-            cd, _ = safe_lora_update(ft, al, base)
-            assert cd is not None
-            new = round_to(al.to(torch.float64) + cd, ft.dtype)
-            changed += _changed(new, ft)
-            return new
-
-        return compute
-
-    def write(staging: Path) -> None:
-        edited = {n: editor(n) for n in sorted(chosen)}
-        write_checkpoint(staging, trio.finetuned, edited, sorted(chosen), _aux(trio))
-
-    path = _staged(out, write)
-    modified = sum(trio.aligned.info(n).numel for n in chosen)
-    return _result(
-        trio,
-        "safe_lora",
-        {"tau": tau, "top_k": top_k, "modules": list(modules)},
-        path,
-        sorted(chosen),
-        modified,
-        changed,
-        modules=[ModuleCosine(name=n, cosine=cosines[n], projected=n in chosen) for n in names],
-    )
-
-
-def resta(trio: ModelTrio, out: str | Path, beta: float = 0.5) -> BaselineResult:
-    """RESTA: ``θ = θ_ft + β·(θ_al − θ_unaligned)`` on every floating tensor.
-
-    The paper's unaligned model is the aligned one *harmfully fine-tuned*; we have no such model
-    and use the base instead, as SafeTune's ``ReStaTrainer`` does (no DARE: the safety vector is
-    added densely)."""
-    names = [n for n in trio.finetuned.names() if _is_float(trio, n)]
-    changed = 0
-
-    def editor(name: str) -> Callable[[], torch.Tensor]:
-        def compute() -> torch.Tensor:
-            nonlocal changed
-            ft, al, base = _triple(trio, name)
-            new = resta_tensor(ft, al, base, beta)
-            changed += _changed(new, ft)
-            return new
-
-        return compute
-
-    def write(staging: Path) -> None:
-        write_checkpoint(staging, trio.finetuned, {n: editor(n) for n in names}, names, _aux(trio))
-
-    path = _staged(out, write)
-    modified = sum(trio.aligned.info(n).numel for n in names)
-    return _result(trio, "resta", {"beta": beta, "unaligned": "base"}, path, names, modified, changed)
-
-
-def random_neurons(
-    trio: ModelTrio,
-    out: str | Path,
-    selection: Mapping[int, int] | Mapping[tuple[int, str], int | Sequence[int]] | Iterable[NeuronId],
-    band: Band,
-    operator: str = "safe_lora",
-    seed: int = 0,
-    rank: int = 8,
-) -> BaselineResult:
-    """Random neurons at FGSN's budget: for each (layer, space) of ``selection`` (counts, or the
-    FGSN selection itself), as many random neurons of that layer and space, projected with the
-    same ``operator`` through the engine's writer. Deterministic for a given ``seed``."""
-    counts = neuron_counts(selection)
-    neurons: dict[tuple[int, str], list[int]] = {}
-    for (layer, space), count in sorted(counts.items()):
-        if layer not in band.layers:
-            raise ConfigError(f"layer {layer} of the selection is outside the band {band.start}-{band.end}")
-        neurons[(layer, space)] = random_indices(_space_size(trio, layer, space), count, seed, layer, space)
-    spaces = sorted({s for _, s in neurons})
-    return _neuron_baseline(
-        trio,
-        out,
-        "random_neurons",
-        neurons,
-        operator,
-        band,
-        spaces,
-        rank,
-        {"operator": operator, "seed": seed, "band": [band.start, band.end]},
-    )
-
-
-def restore_band(
-    trio: ModelTrio, out: str | Path, band: Band, spaces: Sequence[str] = ("mlp",)
-) -> BaselineResult:
-    """Every neuron of ``spaces`` in the band layers set back to its aligned value."""
-    neurons = {
-        (layer, space): list(range(_space_size(trio, layer, space)))
-        for layer in band.layers
-        for space in spaces
-    }
-    return _neuron_baseline(
-        trio,
-        out,
-        "restore_band",
-        neurons,
-        "restore",
-        band,
-        spaces,
-        8,
-        {"band": [band.start, band.end], "spaces": list(spaces)},
-    )
-
-
-def _neuron_baseline(
+def neuron_baseline(
     trio: ModelTrio,
     out: str | Path,
     method: str,
@@ -313,10 +162,10 @@ def _neuron_baseline(
         nonlocal outcome
         outcome = write_edited_checkpoint(trio, neurons, operator, staging, band, spaces, rank=rank)
 
-    path = _staged(out, write)
+    path = write_staged(out, write)
     assert outcome is not None
     mod = outcome.modification
-    return _result(
+    return result_record(
         trio,
         method,
         params,
@@ -328,7 +177,7 @@ def _neuron_baseline(
     )
 
 
-def _space_size(trio: ModelTrio, layer: int, space: str) -> int:
+def space_size(trio: ModelTrio, layer: int, space: str) -> int:
     tensors = trio.space_tensors(layer, space)
     if not tensors:
         raise ConfigError(f"neuron space {space!r} has no tensors in layer {layer}")
@@ -336,22 +185,22 @@ def _space_size(trio: ModelTrio, layer: int, space: str) -> int:
     return trio.aligned.info(name).shape[axis]
 
 
-def _triple(trio: ModelTrio, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tensor_triple(trio: ModelTrio, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return trio.finetuned.read(name), trio.aligned.read(name), trio.base.read(name)
 
 
-def _is_float(trio: ModelTrio, name: str) -> bool:
+def is_float_tensor(trio: ModelTrio, name: str) -> bool:
     from fgsn_daemon.engine.io.safetensors_io import DTYPE_NAMES
 
     float_names = {DTYPE_NAMES[d] for d in FLOAT_DTYPES if d in DTYPE_NAMES}
     return trio.finetuned.info(name).dtype in float_names
 
 
-def _aux(trio: ModelTrio) -> list[Path]:
+def aux_files(trio: ModelTrio) -> list[Path]:
     return [trio.finetuned.path, trio.aligned.path]
 
 
-def _result(
+def result_record(
     trio: ModelTrio,
     method: str,
     params: dict[str, float | int | str | list[str] | list[int] | None],
@@ -375,3 +224,45 @@ def _result(
         modules=modules or [],
         neurons=neurons or {},
     )
+
+
+# ------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BaselineInputs:
+    """What a baseline may use: the trio and, for the neuron baselines, FGSN's band, spaces,
+    operator and selection (the random control draws the same per-(layer, space) counts)."""
+
+    trio: ModelTrio
+    band: Band | None = None
+    spaces: Sequence[str] = ("mlp",)
+    operator: str = "safe_lora"
+    rank: int = 8
+    neurons: Mapping[tuple[int, str], Sequence[int]] | None = None
+    seed: int = 0
+    options: Mapping[str, float] = field(default_factory=dict)  # per-method knobs: tau, beta
+
+
+class Baseline(ABC):
+    """A post-hoc safety method FGSN is compared with: one module of this package, registered."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]  # how tables name it
+    seeded: ClassVar[bool] = False  # rows are run per seed and averaged
+
+    @abstractmethod
+    def write(self, inputs: BaselineInputs, out: Path) -> BaselineResult:
+        """Write the repaired checkpoint to ``out`` (staged, then renamed into place)."""
+
+    @staticmethod
+    def need_band(inputs: BaselineInputs) -> Band:
+        if inputs.band is None:
+            raise ConfigError("this baseline needs FGSN's safety band")
+        return inputs.band
+
+
+BASELINES: NamedRegistry[Baseline] = NamedRegistry("baseline")
+register = BASELINES.register
+get_baseline = BASELINES.get
+baseline_names = BASELINES.names
