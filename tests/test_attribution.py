@@ -342,6 +342,11 @@ def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(t
     assert spent[0] == spent[1] > 0
     moved = sum(int((one_shot[n] & ~runs[0][n]).sum()) for n in one_shot)
     assert moved > 0
+    # a large calibration set is spread down to calibration_max prompts per round
+    capped = replace(base, hard_rounds=1, hard_weight=50.0, calibration_max=3)
+    loc = Localiser(models, capped, torch.device("cpu"), BENIGN)
+    loc.localise_entries(HARMFUL)
+    assert len(BENIGN) > 3 and [t["prompts"] for t in loc.hard_trace] == [3]
     # one-shot entry units only: other units and iterative steps leave them out
     assert replace(base, hard_rounds=1, unit="neuron").hard_rounds == 0
     assert replace(base, hard_rounds=1, steps=2).hard_rounds == 0

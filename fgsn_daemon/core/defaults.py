@@ -100,6 +100,9 @@ STEPS: int = _DEFAULT["steps"]  # attribution entries: iterative selection steps
 # edited model refuses, penalise the entries that drive those refusals, select again), and the weight
 HARD_ROUNDS: int = _DEFAULT["hard_rounds"]
 HARD_WEIGHT: float = _DEFAULT["hard_weight"]
+# the calibration prompts a hard-negative round generates answers for, at most (evenly spread over
+# the benign set): the default was chosen with the 200 bundled benign prompts
+CALIBRATION_MAX = 200
 CONTRAST: float = _DEFAULT["contrast"]
 CONTRAST_KIND: str = _DEFAULT[
     "contrast_kind"

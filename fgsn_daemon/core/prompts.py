@@ -9,13 +9,26 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from fgsn_daemon.core.errors import PromptFileError
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PROMPT_CHARS = 32_000
 MAX_PROMPTS = 200_000
+
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], n: int) -> list[T]:
+    """At most ``n`` items evenly spaced through ``items``, in order. Prompt files are often grouped
+    (the organism's lists one action under all its templates, then the next), so the first N
+    would cover a handful of actions only."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def decode_text(data: bytes, source: str) -> str:

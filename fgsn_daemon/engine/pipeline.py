@@ -21,6 +21,7 @@ import torch
 
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
+from fgsn_daemon.core.prompts import spread
 from fgsn_daemon.core.records import (
     ApplyParams,
     ApplyResult,
@@ -110,6 +111,8 @@ class FGSNParams:
     # words, measured at the fine-tuned weights) times hard_weight to the penalty, select again
     hard_rounds: int = defaults.HARD_ROUNDS
     hard_weight: float = defaults.HARD_WEIGHT
+    # at most this many calibration prompts (evenly spread) are answered per hard-negative round
+    calibration_max: int = defaults.CALIBRATION_MAX
 
     def __post_init__(self) -> None:
         # allocation and unit belong to the attribution scoring; the activation scorings always
@@ -729,9 +732,7 @@ class Localiser:
         if self.params.guard is None:
             return budget
         model = self._finetuned()
-        n = self.params.guard_prompts
-        texts = list(self.benign_prompts)
-        prompts = [texts[i * len(texts) // n] for i in range(n)] if len(texts) > n else texts
+        prompts = spread(list(self.benign_prompts), self.params.guard_prompts)
         limit = self.refusal_rate(model, prompts) + self.params.guard / 100.0
         chosen = 0
         self.guard_trace = []
@@ -809,7 +810,9 @@ class Localiser:
         from fgsn_daemon.engine.refusal import KeywordJudge
 
         model = self._finetuned()
-        calibration = list(self.calibration_prompts or self.benign_prompts)
+        calibration = spread(
+            list(self.calibration_prompts or self.benign_prompts), self.params.calibration_max
+        )
         contrast = self.params.contrast if penalty is not None else 0.0
         hard: dict[str, torch.Tensor] = {}
         self.hard_trace = []

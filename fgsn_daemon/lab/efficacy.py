@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
 from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_prompts
-from fgsn_daemon.core.prompts import load_prompts
+from fgsn_daemon.core.prompts import load_prompts, spread
 from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
 from fgsn_daemon.engine.delta_selection import select_entries
@@ -48,7 +49,7 @@ from fgsn_daemon.engine.pipeline import (
     unit_attribution_scores,
 )
 from fgsn_daemon.engine.refusal import KeywordJudge
-from fgsn_daemon.lab.experiments import TrioSpec, root_spec, spread, trio_manifest
+from fgsn_daemon.lab.experiments import TrioSpec, root_spec, trio_manifest
 
 LOG = logging.getLogger("fgsn.efficacy")
 PROG = "python -m fgsn_daemon.lab.efficacy"
@@ -110,6 +111,14 @@ def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[st
     if override is not None:
         return load_prompts(override)
     return load_prompts(spec.benign) if spec.benign_selection is not None else None
+
+
+def calibration_max(cfg: StudyConfig) -> int:
+    """Every prompt of a ``--calibration`` file is used (it is what the run explores); otherwise
+    the product's cap, as the daemon would."""
+    if cfg.calibration is None:
+        return defaults.CALIBRATION_MAX
+    return max(defaults.CALIBRATION_MAX, len(load_prompts(cfg.calibration)))
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -549,6 +558,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                         contrast_kind=kind,
                         hard_rounds=st.hard,
                         hard_weight=st.hard_weight,
+                        calibration_max=calibration_max(cfg),
                     )
                     masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain))
                     extra["hard_trace"] = list(loc.hard_trace)
@@ -745,6 +755,7 @@ def run_continual(
             steps=setting.steps,
             hard_rounds=setting.hard,
             hard_weight=setting.hard_weight,
+            calibration_max=calibration_max(cfg),
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
         # (the policies' first prompts per dimension), computed once for all dimensions

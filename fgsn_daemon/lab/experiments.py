@@ -43,7 +43,7 @@ import torch
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError
 from fgsn_daemon.core.policy import list_dimension_dirs
-from fgsn_daemon.core.prompts import load_prompts
+from fgsn_daemon.core.prompts import load_prompts, spread
 from fgsn_daemon.core.records import Band, NeuronId, parse_band
 from fgsn_daemon.engine.activations import ActivationStats, resolve_device
 from fgsn_daemon.engine.continual import assign_claims, neurons_by_unit
@@ -123,15 +123,6 @@ class PromptSets:
 
     def pooled_train(self) -> list[str]:
         return [p for prompts in self.train.values() for p in prompts]
-
-
-def spread(items: Sequence[T], n: int) -> list[T]:
-    """At most ``n`` items evenly spaced through ``items``, in order. Prompt files are often grouped
-    (the organism's lists one action under all its templates, then the next), so the first N
-    would cover a handful of actions only."""
-    if len(items) <= n:
-        return list(items)
-    return [items[i * len(items) // n] for i in range(n)]
 
 
 def load_prompt_sets(spec: TrioSpec, cfg: HarnessConfig) -> PromptSets:

@@ -83,6 +83,9 @@ class FGSNParams(BaseModel):
     steps: int = Field(default=defaults.STEPS, ge=1, le=64, description="iterative selection steps (entries)")
     hard_rounds: int = Field(default=defaults.HARD_ROUNDS, ge=0, le=8, description="hard-negative rounds")
     hard_weight: float = Field(default=defaults.HARD_WEIGHT, ge=0, le=100)
+    calibration_max: int = Field(
+        default=defaults.CALIBRATION_MAX, ge=1, description="calibration prompts per hard-negative round"
+    )
     contrast_kind: Literal["refusal", "odds"] = defaults.CONTRAST_KIND  # type: ignore[assignment]
     contrast: float = Field(
         default=defaults.CONTRAST, ge=0, le=100, description="weight of the benign-refusal effect"
