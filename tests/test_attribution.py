@@ -342,6 +342,16 @@ def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(t
     assert spent[0] == spent[1] > 0
     moved = sum(int((one_shot[n] & ~runs[0][n]).sum()) for n in one_shot)
     assert moved > 0
+    # hard positives: the harmful prompts the edit still answers (the judge above: every other
+    # one) raise the gain of the entries behind their refusals, in the same rounds
+    boosted = replace(base, hard_rounds=1, hard_weight=50.0, hard_positive_weight=1.0)
+    loc = Localiser(models, boosted, torch.device("cpu"), BENIGN)
+    with_positives = loc.localise_entries(HARMFUL)
+    assert (loc.hard_trace[0]["complied"], loc.hard_trace[0]["harmful"]) == (len(HARMFUL) // 2, len(HARMFUL))
+    assert sum(int(m.sum()) for m in with_positives.values()) == spent[0]
+    hard_only = replace(base, hard_rounds=1, hard_weight=50.0)
+    plain = Localiser(models, hard_only, torch.device("cpu"), BENIGN).localise_entries(HARMFUL)
+    assert any(not torch.equal(with_positives[n], plain[n]) for n in plain)
     # a large calibration set is spread down to calibration_max prompts per round
     capped = replace(base, hard_rounds=1, hard_weight=50.0, calibration_max=3)
     loc = Localiser(models, capped, torch.device("cpu"), BENIGN)

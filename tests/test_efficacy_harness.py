@@ -25,6 +25,9 @@ def test_grid_items_carry_every_optional_field() -> None:
     )
     assert full.name == "attribution/entry/0.5%/all/p1/c0.8/hard2x0.05/guard4"
     assert parse_grid("entry:0.3:all:0:o1")[0].name == "attribution/entry/0.3%/all/p0/o1"
+    boosted = parse_grid("entry:0.5:all:0:c1:h1x0.05:r0.5")[0]
+    assert (boosted.hard, boosted.hard_positive) == (1, 0.5)
+    assert boosted.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05+pos0.5"
     with pytest.raises(ConfigError, match="grid item"):
         parse_grid("entry:0.3:all:0:hbad")
 

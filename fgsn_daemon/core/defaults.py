@@ -103,6 +103,7 @@ HARD_WEIGHT: float = _DEFAULT["hard_weight"]
 # the calibration prompts a hard-negative round generates answers for, at most (evenly spread over
 # the benign set): the default was chosen with the 200 bundled benign prompts
 CALIBRATION_MAX = 200
+HARD_POSITIVE_WEIGHT: float = _DEFAULT.get("hard_positive_weight", 0.0)
 CONTRAST: float = _DEFAULT["contrast"]
 CONTRAST_KIND: str = _DEFAULT[
     "contrast_kind"

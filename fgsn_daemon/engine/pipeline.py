@@ -113,6 +113,9 @@ class FGSNParams:
     hard_weight: float = defaults.HARD_WEIGHT
     # at most this many calibration prompts (evenly spread) are answered per hard-negative round
     calibration_max: int = defaults.CALIBRATION_MAX
+    # hard positives (in the same rounds): weight of the gain on the dimension's harmful prompts the
+    # edited model still answers; 0 = off
+    hard_positive_weight: float = defaults.HARD_POSITIVE_WEIGHT
 
     def __post_init__(self) -> None:
         # allocation and unit belong to the attribution scoring; the activation scorings always
@@ -787,7 +790,7 @@ class Localiser:
         budget = self.guarded_budget(self.budget_parameters(), masks_at=masks_at)
         masks = masks_at(budget)
         if self.params.hard_rounds:
-            masks = self.hard_negative_masks(masks, gain, cost, penalty, budget, names)
+            masks = self.hard_negative_masks(masks, gain, cost, penalty, budget, names, harmful_prompts)
         return masks
 
     def hard_negative_masks(
@@ -798,13 +801,19 @@ class Localiser:
         penalty: Mapping[str, torch.Tensor] | None,
         budget: int,
         names: Sequence[str],
+        harmful_prompts: Sequence[str] = (),
     ) -> dict[str, torch.Tensor]:
         """Over-refusal hard negatives: edit in memory, find the calibration prompts the edited model
         refuses, add ``hard_weight`` × the first-order effect of reverting each entry on *those*
         refusals (the edited model's own words, at the fine-tuned weights) to the penalty, select
-        again at the same budget; ``hard_rounds`` times, or until none is refused. Depends only on
-        the immutable inputs, this dimension's prompts and the shared calibration set, so rollback
-        stays exact."""
+        again at the same budget; ``hard_rounds`` times, or until none is refused.
+
+        With ``hard_positive_weight`` > 0, the same rounds also look for the dimension's harmful
+        ``harmful_prompts`` the edited model still answers, and add that weight × the gain on *their*
+        refusal targets to the gain (the refusals the selection misses get more say).
+
+        Depends only on the immutable inputs, this dimension's prompts and the shared calibration
+        set, so rollback stays exact."""
         from fgsn_daemon.engine.delta_selection import select_entries
         from fgsn_daemon.engine.evaluation import generate_responses
         from fgsn_daemon.engine.refusal import KeywordJudge
@@ -813,33 +822,58 @@ class Localiser:
         calibration = spread(
             list(self.calibration_prompts or self.benign_prompts), self.params.calibration_max
         )
+        harmful = list(harmful_prompts) if self.params.hard_positive_weight > 0 else []
         contrast = self.params.contrast if penalty is not None else 0.0
         hard: dict[str, torch.Tensor] = {}
+        boost: dict[str, torch.Tensor] = {}
         self.hard_trace = []
+
+        def answer(prompts: Sequence[str]) -> list[str]:
+            return generate_responses(
+                model,
+                self.tokenizer,
+                prompts,
+                self.params.target_tokens,
+                self.params.batch_size,
+                self.params.use_chat_template,
+            )
+
         for r in range(self.params.hard_rounds):
             with restored_in_memory(model, self.trio, masks=masks):
-                answers = generate_responses(
-                    model,
-                    self.tokenizer,
-                    calibration,
-                    self.params.target_tokens,
-                    self.params.batch_size,
-                    self.params.use_chat_template,
-                )
+                answers = answer(calibration)
+                harmful_answers = answer(harmful) if harmful else []
             refused = KeywordJudge().judge(calibration, answers)
             pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
-            self.hard_trace.append({"round": r + 1, "refused": len(pairs), "prompts": len(calibration)})
-            self.progress(f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused")
-            if not pairs:
+            stopped = KeywordJudge().judge(harmful, harmful_answers) if harmful else []
+            missed = [p for p, f in zip(harmful, stopped, strict=True) if not f]
+            trace = {"round": r + 1, "refused": len(pairs), "prompts": len(calibration)}
+            if harmful:
+                trace |= {"complied": len(missed), "harmful": len(harmful)}
+            self.hard_trace.append(trace)
+            self.progress(
+                f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused"
+                + (f"; {len(missed)} of {len(harmful)} harmful prompts still answered" if harmful else "")
+            )
+            if not pairs and not missed:
                 break
-            eff = self._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
-            for n in gain:
-                hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+            if pairs:
+                eff = self._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
+                for n in gain:
+                    hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+            if missed:
+                target = dict(zip(harmful, self.aligned_responses(harmful), strict=True))
+                eff = self._effects(missed, [target[p] for p in missed], names, "hard positives")
+                for n in gain:
+                    boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
             combined = {
-                n: self.params.hard_weight * hard[n] + (contrast * penalty[n] if penalty is not None else 0)
+                n: self.params.hard_weight * hard.get(n, torch.zeros_like(gain[n]))
+                + (contrast * penalty[n] if penalty is not None else 0)
                 for n in gain
             }
-            masks = select_entries(gain, cost, budget, self.params.p, combined, 1.0)
+            boosted = (
+                {n: gain[n] + self.params.hard_positive_weight * boost[n] for n in gain} if boost else gain
+            )
+            masks = select_entries(boosted, cost, budget, self.params.p, combined, 1.0)
         return masks
 
     def iterative_entry_masks(

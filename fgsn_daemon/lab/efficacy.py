@@ -247,6 +247,7 @@ class Setting:
     steps: int = 1  # iterative selection (entry units): re-scored at the edited weights after each step
     hard: int = 0  # over-refusal hard-negative rounds (entry units)
     hard_weight: float = 0.0
+    hard_positive: float = 0.0  # in those rounds: weight of the harmful prompts still answered
 
     @property
     def name(self) -> str:
@@ -256,6 +257,7 @@ class Setting:
         contrast = f"/{kind}{self.contrast:g}" if self.contrast else ""
         steps = f"/steps{self.steps}" if self.steps > 1 else ""
         hard = f"/hard{self.hard}x{self.hard_weight:g}" if self.hard else ""
+        hard += f"+pos{self.hard_positive:g}" if self.hard and self.hard_positive else ""
         return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}"
 
 
@@ -559,8 +561,9 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                         hard_rounds=st.hard,
                         hard_weight=st.hard_weight,
                         calibration_max=calibration_max(cfg),
+                        hard_positive_weight=st.hard_positive,
                     )
-                    masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain))
+                    masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain), pooled)
                     extra["hard_trace"] = list(loc.hard_trace)
                 return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
             kind = "odds" if st.penalty == "odds" else "refusal"
@@ -756,6 +759,7 @@ def run_continual(
             hard_rounds=setting.hard,
             hard_weight=setting.hard_weight,
             calibration_max=calibration_max(cfg),
+            hard_positive_weight=setting.hard_positive,
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
         # (the policies' first prompts per dimension), computed once for all dimensions
@@ -995,14 +999,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_grid(text: str) -> list[Setting]:
     """``UNIT:BUDGET:SCOPE:P`` then optional fields: ``GUARD`` (points), ``cCONTRAST`` (refusal
     contrast), ``oCONTRAST`` (log-odds contrast) or ``aCONTRAST`` (aligned over-refusals), ``sSTEPS``
-    (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives)."""
+    (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives), ``rWEIGHT`` (hard
+    positives in those rounds: the harmful scoring prompts the edit still answers)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
             guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
+            hard_positive = 0.0
             for field_ in extra:
-                if field_.startswith("s"):
+                if field_.startswith("r"):
+                    hard_positive = float(field_[1:])
+                elif field_.startswith("s"):
                     steps = int(field_[1:])
                 elif field_.startswith("h"):
                     rounds, weight = field_[1:].split("x")
@@ -1014,7 +1022,17 @@ def parse_grid(text: str) -> list[Setting]:
                     guard = float(field_)
             out.append(
                 Setting(
-                    unit, float(budget), scope, float(p), guard, contrast, penalty, steps, hard, hard_weight
+                    unit,
+                    float(budget),
+                    scope,
+                    float(p),
+                    guard,
+                    contrast,
+                    penalty,
+                    steps,
+                    hard,
+                    hard_weight,
+                    hard_positive,
                 )
             )
         except ValueError:
