@@ -334,3 +334,37 @@ def test_fingerprint_distinguishes_which_file_holds_the_bytes(tmp_path: Path) ->
 
 def test_errors_are_fgsn_errors() -> None:
     assert issubclass(PolicyError, FGSNError) and issubclass(PromptFileError, FGSNError)
+
+
+def test_overrides_have_the_same_bounds_as_the_daemon_parameters():
+    """One declaration: a dimension's [fgsn] value is accepted exactly when the same value is
+    accepted in the daemon's [params] (a per-dimension p of 0 used to be refused, a global one not)."""
+    from pydantic import ValidationError
+
+    from fgsn_daemon.core.params import OVERRIDABLE, FGSNFields
+
+    spec = policy.parse_policy_toml((GOOD_TOML + "[fgsn]\np = 0\n").encode())
+    assert spec.fgsn.p == 0.0
+    probes = {
+        "q": [-1.0, 0.0, 0.5, 100.0, 100.5],
+        "p": [-1.0, 0.0, 0.5, 100.0, 100.5],
+        "budget": [-1.0, 0.0, 0.5, 100.0, 100.5],
+        "contrast": [-1.0, 0.0, 0.5, 100.0, 100.5],
+        "scoring": ["contrast", "Magic!", "x" * 65],
+        "positions": ["all", "last", "first"],
+    }
+    assert set(probes) == set(OVERRIDABLE)
+
+    def accepts(model, name, value) -> bool:
+        try:
+            model(**{name: value})
+        except ValidationError:
+            return False
+        return True
+
+    for name, values in probes.items():
+        for value in values:
+            assert accepts(policy.FGSNOverrides, name, value) == accepts(FGSNFields, name, value), (
+                name,
+                value,
+            )

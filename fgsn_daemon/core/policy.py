@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from fgsn_daemon.core.errors import PolicyError, PromptFileError
+from fgsn_daemon.core.params import overrides_model
 from fgsn_daemon.core.prompts import decode_text, load_prompts, parse_prompt_lines
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -50,19 +51,9 @@ _TEMP_SUFFIXES = ("~", ".tmp", ".partial")
 Percent = Annotated[float, Field(gt=0, le=100)]
 
 
-class FGSNOverrides(BaseModel):
-    """Per-dimension overrides of the daemon's FGSN parameters (``[fgsn]`` table)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    q: Percent | None = None
-    p: Percent | None = None
-    # a registered scoring name; the service checks it against the engine's registry
-    scoring: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)] | None = None
-    positions: Literal["all", "last"] | None = None
-    budget: Percent | None = None  # attribution with global allocation: percent of all parameters
-    contrast: Annotated[float, Field(ge=0, le=100)] | None = None  # attribution: refusal contrast
-    max_prompts: Annotated[int, Field(ge=1)] | None = None
+# Per-dimension overrides of the daemon's FGSN parameters (``[fgsn]`` table): generated from the
+# parameters' one declaration (``core.params``), so their bounds are the same.
+FGSNOverrides = overrides_model()
 
 
 class PolicySpec(BaseModel):
@@ -74,7 +65,7 @@ class PolicySpec(BaseModel):
     # TOML may give one string or a list; stored as a list so there is one canonical form.
     source: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=100)]
     license: Annotated[str, Field(min_length=1, max_length=4000)]
-    fgsn: FGSNOverrides = FGSNOverrides()
+    fgsn: FGSNOverrides = FGSNOverrides()  # type: ignore[valid-type]
 
     @field_validator("source", mode="before")
     @classmethod

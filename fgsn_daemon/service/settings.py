@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -28,7 +26,6 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -37,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError
+from fgsn_daemon.core.params import FGSNFields
 from fgsn_daemon.engine.activations import Placement
 
 CONFIG_ENV_VAR = "FGSN_CONFIG"
@@ -44,52 +42,16 @@ DEFAULT_CONFIG_FILE = Path("fgsn.toml")
 REGISTRY_FILE_NAME = "registry.db"
 MASK = "***"
 
-Space = Literal["mlp", "attn"]
 
 # The TOML path chosen by load_settings; a ContextVar because pydantic-settings builds its sources
 # inside a classmethod and offers no per-call argument for the TOML path.
 _toml_path: ContextVar[Path | None] = ContextVar("fgsn_toml_path", default=None)
 
 
-def _default_spaces() -> list[Space]:
-    return list(defaults.SPACES)  # type: ignore[arg-type]
+class FGSNParams(FGSNFields):
+    """The daemon's FGSN parameters: the fields of ``core.params.FGSNFields``, a preset that fills
+    the ones not given, and method names checked against the engine's registries."""
 
-
-class FGSNParams(BaseModel):
-    """Parameters of one FGSN application (scoring, selection and projection)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    q: float = Field(default=defaults.Q, gt=0, le=100, description="top-q% neurons by harmful score")
-    p: float = Field(default=defaults.P, ge=0, le=100, description="top-p% neurons by benign score, excluded")
-    scoring: str = defaults.SCORING  # a registered scoring (fgsn_daemon.engine.scorings)
-    positions: Literal["all", "last"] = "all"
-    operator: str = defaults.OPERATOR  # a registered operator (fgsn_daemon.engine.operators)
-    spaces: Annotated[list[Space], NoDecode] = Field(default_factory=_default_spaces, min_length=1)
-    score_model: Literal["aligned", "finetuned"] = "aligned"  # whose activations are scored
-    band: tuple[int, int] | None = None  # inclusive [start, end]; None = found automatically
-    rank: int = Field(default=8, ge=1, description="subspace rank of the projector operator")
-    batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=256, ge=8)
-    # delta attribution (scoring = "attribution") only:
-    allocation: Literal["per_layer", "global"] = defaults.ALLOCATION  # type: ignore[assignment]
-    budget: float = Field(default=defaults.BUDGET, gt=0, le=100, description="global: % of all parameters")
-    scope: Literal["all", "band"] = defaults.SCOPE  # type: ignore[assignment]
-    unit: Literal["neuron", "entry"] = defaults.UNIT  # type: ignore[assignment]
-    target_tokens: int = Field(default=16, ge=1, description="length of the attribution targets")
-    guard: float | None = Field(
-        default=defaults.GUARD, ge=0, le=100, description="over-refusal guard (points)"
-    )
-    steps: int = Field(default=defaults.STEPS, ge=1, le=64, description="iterative selection steps (entries)")
-    hard_rounds: int = Field(default=defaults.HARD_ROUNDS, ge=0, le=8, description="hard-negative rounds")
-    hard_weight: float = Field(default=defaults.HARD_WEIGHT, ge=0, le=100)
-    calibration_max: int = Field(
-        default=defaults.CALIBRATION_MAX, ge=1, description="calibration prompts per hard-negative round"
-    )
-    contrast_kind: Literal["refusal", "odds"] = defaults.CONTRAST_KIND  # type: ignore[assignment]
-    contrast: float = Field(
-        default=defaults.CONTRAST, ge=0, le=100, description="weight of the benign-refusal effect"
-    )
     # a named setting (fgsn_daemon.core.defaults.PRESETS) whose values fill every field not given explicitly
     preset: str | None = None
 
@@ -110,24 +72,6 @@ class FGSNParams(BaseModel):
             data = {**data, "unit": "neuron"}
         return data
 
-    @field_validator("spaces", mode="before")
-    @classmethod
-    def _split_spaces(cls, value: object) -> object:
-        # Environment variables give a string: accept a JSON list or "mlp,attn".
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
-
-    @field_validator("spaces")
-    @classmethod
-    def _unique_spaces(cls, value: list[Space]) -> list[Space]:
-        if len(set(value)) != len(value):
-            raise ValueError("spaces must not repeat")
-        return value
-
     @field_validator("scoring", "operator")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
@@ -138,13 +82,6 @@ class FGSNParams(BaseModel):
             (get_scoring if info.field_name == "scoring" else get_operator)(value)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("band")
-    @classmethod
-    def _ordered_band(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and not 0 <= value[0] <= value[1]:
-            raise ValueError("band must be [start, end] with 0 <= start <= end")
         return value
 
 

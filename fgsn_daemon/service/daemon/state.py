@@ -94,6 +94,7 @@ def engine_params(settings: Settings) -> FGSNParams:
         hard_rounds=p.hard_rounds,
         hard_weight=p.hard_weight,
         calibration_max=p.calibration_max,
+        hard_positive_weight=p.hard_positive_weight,
     )
 
 
