@@ -99,6 +99,10 @@ def apply(
         int | None, typer.Option(help="entries: over-refusal hard-negative rounds on the benign prompts")
     ] = None,
     hard_weight: Annotated[float | None, typer.Option(help="weight of the hard-negative penalty")] = None,
+    hard_positive_weight: Annotated[
+        float | None,
+        typer.Option(help="in the hard-negative rounds: weight of the harmful prompts still answered"),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
     ] = None,
@@ -141,6 +145,7 @@ def apply(
             "steps": steps,
             "hard_rounds": hard_rounds,
             "hard_weight": hard_weight,
+            "hard_positive_weight": hard_positive_weight,
             "contrast_kind": contrast_kind,
         }
         chosen = {k: v for k, v in given.items() if v is not None}

@@ -129,47 +129,35 @@ class FGSNParams:
             object.__setattr__(self, "hard_rounds", 0)
 
     def validate(self) -> None:
+        """Every field within the bounds of the parameters' one declaration (``core.params``),
+        then what only the engine knows: registered methods and which combinations make sense."""
+        from pydantic import ValidationError
+
+        from fgsn_daemon.core.params import FGSNFields
+
+        shared = {name: getattr(self, name) for name in FGSNFields.model_fields}
+        shared["spaces"] = list(self.spaces)
+        try:
+            FGSNFields.model_validate(shared)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))} must be in its bounds: {e['msg']} (got {e['input']!r})"
+                for e in exc.errors()
+            )
+            raise ConfigError(problems) from None
         scoring = get_scoring(self.scoring)
         parse_operator(self.operator)
-        if self.allocation not in ("per_layer", "global") or self.unit not in ("neuron", "entry"):
-            raise ConfigError(
-                f"allocation must be per_layer or global and unit neuron or entry "
-                f"(got {self.allocation!r}, {self.unit!r})"
-            )
-        if self.scope not in ("all", "band"):
-            raise ConfigError(f"scope must be 'all' or 'band' (got {self.scope!r})")
         if scoring.uses_activation_stats and (self.allocation != "per_layer" or self.unit != "neuron"):
             raise ConfigError("global allocation and entry units need scoring='attribution'")
         if self.unit == "entry" and self.operator != "restore":
             raise ConfigError("entry units are restored to their aligned values: use operator='restore'")
-        if self.guard is not None and not 0 <= self.guard <= 100:
-            raise ConfigError(f"guard must be in [0, 100] points (got {self.guard})")
-        if self.steps < 1 or (self.steps > 1 and (self.unit != "entry" or self.guard is not None)):
+        if self.steps > 1 and (self.unit != "entry" or self.guard is not None):
             raise ConfigError(
-                f"steps must be >= 1; iterative selection (steps > 1) is for entry units without a "
-                f"guard (got steps={self.steps}, unit={self.unit!r}, guard={self.guard})"
+                f"iterative selection (steps > 1) is for entry units without a guard "
+                f"(got steps={self.steps}, unit={self.unit!r}, guard={self.guard})"
             )
-        if self.contrast_kind not in ("refusal", "odds"):
-            raise ConfigError(f"contrast_kind must be 'refusal' or 'odds' (got {self.contrast_kind!r})")
-        if not 0 <= self.contrast <= 100:
-            raise ConfigError(f"contrast must be in [0, 100] (got {self.contrast})")
-        if not 0 <= self.hard_rounds <= 8 or not 0 <= self.hard_weight <= 100:
-            raise ConfigError(
-                f"hard_rounds must be in [0, 8] and hard_weight in [0, 100] "
-                f"(got {self.hard_rounds}, {self.hard_weight})"
-            )
-        if not 0 < self.budget <= 100 or self.target_tokens < 1:
-            raise ConfigError(f"budget must be in (0, 100] and target_tokens >= 1 (got {self.budget})")
-        if self.positions not in ("all", "last"):
-            raise ConfigError(f"positions must be 'all' or 'last' (got {self.positions!r})")
-        if self.score_model not in ("aligned", "finetuned"):
-            raise ConfigError(f"score_model must be 'aligned' or 'finetuned' (got {self.score_model!r})")
-        if not 0 < self.q <= 100 or not 0 <= self.p <= 100:
-            raise ConfigError(f"q must be in (0, 100] and p in [0, 100] (got q={self.q}, p={self.p})")
-        if self.rank < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise ConfigError("rank and batch_size must be >= 1 and max_length >= 2")
-        if not self.spaces:
-            raise ConfigError("at least one neuron space is needed")
+        if self.guard_prompts < 1:
+            raise ConfigError(f"guard_prompts must be >= 1 (got {self.guard_prompts})")
 
     def record(self) -> ApplyParams:
         return ApplyParams(
