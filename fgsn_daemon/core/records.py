@@ -115,6 +115,8 @@ class ApplyParams(_Record):
     steps: int = 1
     hard_rounds: int = 0
     hard_weight: float = 0.0
+    hard_positive_weight: float = 0.0
+    calibration_max: int | None = None  # None: recorded before the cap existed
 
 
 class ApplyResult(_Record):

@@ -180,6 +180,8 @@ class FGSNParams:
             steps=self.steps,
             hard_rounds=self.hard_rounds,
             hard_weight=self.hard_weight,
+            hard_positive_weight=self.hard_positive_weight,
+            calibration_max=self.calibration_max,
         )
 
 
