@@ -43,8 +43,12 @@ def test_selection_benign_set_is_held_out_phrasing_disjoint_from_every_bundled_s
     texts = [p.prompt for p in selection]
     assert len(texts) == len(set(texts)) >= 100
     assert set(texts).isdisjoint(p.prompt for p in train + held_out)
-    held_pools = {t for f in synthetic.FAMILIES for t in synthetic.family_pools(f)[1]}
+    families = (*synthetic.FAMILIES, synthetic.EDGY_SAFE_SELECTION)
+    held_pools = {t for f in families for t in synthetic.family_pools(f)[1]}
     assert set(texts) <= held_pools  # unseen frames or fillers, like the eval set
+    # every category of the eval set, edgy-safe prompts (harmful words, safe requests) included
+    assert {p.category for p in selection} == {p.category for p in held_out}
+    assert sum(p.category == "edgy_safe" for p in selection) == len(synthetic.EDGY_SAFE_SELECTION.fillers)
 
 
 def test_family_pools_hold_out_frames_and_fillers() -> None:
@@ -157,7 +161,7 @@ def test_write_data_counts(tmp_path: Path) -> None:
     assert counts == {
         "benign.jsonl": 200,
         "benign_eval.jsonl": 100,
-        "benign_selection.jsonl": 380,
+        "benign_selection.jsonl": 410,
         "utility_train.jsonl": 400,
         "utility_eval.jsonl": 200,
     }
