@@ -223,3 +223,41 @@ def test_band_reference_defaults_to_the_shipped_policies_and_accepts_a_file_or_a
     cfg = tmp_path / "fgsn.toml"
     cfg.write_text(f'band_reference = "{prompts}"\n')
     assert load_settings(cfg).band_reference == prompts
+
+
+def test_engine_params_carry_every_configured_field() -> None:
+    """Every field of the parameters' declaration reaches the engine, none left at its default."""
+    from fgsn_daemon.core.params import FGSNFields
+    from fgsn_daemon.service.daemon import engine_params
+
+    changed = {
+        "q": 7.0,
+        "p": 3.0,
+        "scoring": "contrast",
+        "positions": "last",
+        "operator": "projector",
+        "spaces": ["attn"],
+        "score_model": "finetuned",
+        "band": [1, 2],
+        "rank": 3,
+        "batch_size": 5,
+        "max_length": 99,
+        "allocation": "per_layer",
+        "budget": 1.5,
+        "scope": "band",
+        "unit": "neuron",
+        "target_tokens": 9,
+        "guard": 4.0,
+        "steps": 3,
+        "hard_rounds": 0,
+        "hard_weight": 0.5,
+        "hard_positive_weight": 0.25,
+        "calibration_max": 17,
+        "contrast_kind": "odds",
+        "contrast": 0.75,
+    }
+    assert set(changed) == set(FGSNFields.model_fields)
+    engine = engine_params(load_settings(None, {"params": changed}))
+    for name, value in changed.items():
+        want = tuple(value) if isinstance(value, list) else value
+        assert getattr(engine, name) == want, name

@@ -3,7 +3,8 @@
 The daemon's settings (``service.settings.FGSNParams``) extend this model with presets and the
 engine's registries; a policy's per-dimension ``[fgsn]`` overrides (``core.policy.FGSNOverrides``)
 are generated from the same fields, so a bound cannot drift between the two; the engine's
-``FGSNParams`` is built from the settings field by field (``service.daemon.engine_params``).
+``FGSNParams`` takes every one of these fields from the settings (``service.daemon.engine_params``)
+and checks its values against them (``FGSNParams.validate``).
 """
 
 from __future__ import annotations

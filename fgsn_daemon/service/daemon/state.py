@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fgsn_daemon.core.errors import ConfigError, FGSNError, PolicyError
+from fgsn_daemon.core.params import FGSNFields
 from fgsn_daemon.core.policy import (
     POLICY_FILE,
     Dimension,
@@ -69,33 +70,12 @@ def load_policy(path: Path) -> Dimension:
 
 
 def engine_params(settings: Settings) -> FGSNParams:
-    p = settings.params
-    return FGSNParams(
-        scoring=p.scoring,
-        positions=p.positions,
-        operator=p.operator,
-        q=p.q,
-        p=p.p,
-        spaces=tuple(p.spaces),
-        score_model=p.score_model,
-        rank=p.rank,
-        band=tuple(p.band) if p.band else None,  # type: ignore[arg-type]
-        batch_size=p.batch_size,
-        max_length=p.max_length,
-        allocation=p.allocation,
-        budget=p.budget,
-        scope=p.scope,
-        unit=p.unit,
-        target_tokens=p.target_tokens,
-        guard=p.guard,
-        contrast=p.contrast,
-        contrast_kind=p.contrast_kind,
-        steps=p.steps,
-        hard_rounds=p.hard_rounds,
-        hard_weight=p.hard_weight,
-        calibration_max=p.calibration_max,
-        hard_positive_weight=p.hard_positive_weight,
-    )
+    """The engine's parameters: every field of the parameters' one declaration (``core.params``),
+    taken from the settings; the engine-only fields keep their defaults."""
+    values = {name: getattr(settings.params, name) for name in FGSNFields.model_fields}
+    values["spaces"] = tuple(values["spaces"])
+    values["band"] = tuple(values["band"]) if values["band"] else None
+    return FGSNParams(**values)
 
 
 def raw_fingerprint(path: Path) -> str:
