@@ -99,3 +99,19 @@ def test_the_declared_rule_keeps_the_limits_then_prefers_reaching_the_aligned_as
     reaches = row("reaches aligned + 5", 0.09, 0.05, 0.87, 0.004)
     assert choose_setting([*refs, over_limit, within, reaches])["name"] == "reaches aligned + 5"
     assert choose_setting([*refs, over_limit]) is None
+
+
+def test_a_calibration_file_is_used_whole_and_otherwise_the_product_cap_holds(tmp_path: Path) -> None:
+    from fgsn_daemon.core import defaults
+    from fgsn_daemon.lab.efficacy import StudyConfig, calibration_max
+
+    s = spec(tmp_path, with_selection=True)
+    big = tmp_path / "calibration.jsonl"
+    big.write_text(
+        "".join(json.dumps({"prompt": f"c {i}"}) + "\n" for i in range(defaults.CALIBRATION_MAX + 7))
+    )
+    explored = StudyConfig(s, "selection", [], (0,), (), calibration=big)
+    prompts = calibration_prompts(s, big)
+    assert prompts is not None and calibration_max(explored, prompts) == defaults.CALIBRATION_MAX + 7
+    plain = StudyConfig(s, "selection", [], (0,), ())
+    assert calibration_max(plain, calibration_prompts(s)) == defaults.CALIBRATION_MAX

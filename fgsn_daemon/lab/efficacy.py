@@ -113,12 +113,12 @@ def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[st
     return load_prompts(spec.benign) if spec.benign_selection is not None else None
 
 
-def calibration_max(cfg: StudyConfig) -> int:
-    """Every prompt of a ``--calibration`` file is used (it is what the run explores); otherwise
-    the product's cap, as the daemon would."""
-    if cfg.calibration is None:
+def calibration_max(cfg: StudyConfig, calibration: Sequence[str] | None) -> int:
+    """Every prompt of a ``--calibration`` file (``calibration``, as loaded) is used: it is what the
+    run explores; otherwise the product's cap, as the daemon would."""
+    if cfg.calibration is None or calibration is None:
         return defaults.CALIBRATION_MAX
-    return max(defaults.CALIBRATION_MAX, len(load_prompts(cfg.calibration)))
+    return max(defaults.CALIBRATION_MAX, len(calibration))
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -560,7 +560,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                         contrast_kind=kind,
                         hard_rounds=st.hard,
                         hard_weight=st.hard_weight,
-                        calibration_max=calibration_max(cfg),
+                        calibration_max=calibration_max(cfg, loc.calibration_prompts),
                         hard_positive_weight=st.hard_positive,
                     )
                     masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain), pooled)
@@ -744,6 +744,7 @@ def run_continual(
     steps: list[dict[str, Any]] = []
     try:
         tokenizer = load_tokenizer(trio.aligned.path)
+        calibration = calibration_prompts(cfg.spec, cfg.calibration)
         params = FGSNParams(
             scoring="attribution",
             spaces=cfg.spaces,
@@ -758,14 +759,14 @@ def run_continual(
             steps=setting.steps,
             hard_rounds=setting.hard,
             hard_weight=setting.hard_weight,
-            calibration_max=calibration_max(cfg),
+            calibration_max=calibration_max(cfg, calibration),
             hard_positive_weight=setting.hard_positive,
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
         # (the policies' first prompts per dimension), computed once for all dimensions
         reference = reference_harmful_prompts(cfg.spec.policies) if setting.contrast else None
         loc = Localiser(trio, params, device, inputs.benign_train, progress=log, refusal_reference=reference)
-        loc.calibration_prompts = calibration_prompts(cfg.spec, cfg.calibration)
+        loc.calibration_prompts = calibration
         loc.establish_band([p for ps in inputs.train.values() for p in ps])
         total = trio.aligned.total_parameters()
         candidates: dict[int, list[Any]] = {}
