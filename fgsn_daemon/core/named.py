@@ -3,7 +3,9 @@ up by name with an error that lists the choices. The engine's method packages ea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from fgsn_daemon.core.errors import ConfigError
@@ -41,3 +43,11 @@ class NamedRegistry(Generic[T]):
     def names(self, where: Callable[[T], Any] | None = None) -> list[str]:
         """Registered names, sorted; ``where`` filters."""
         return sorted(n for n, m in self._members.items() if where is None or where(m))
+
+
+def import_members(package: str, path: Iterable[str], skip: str) -> None:
+    """Import every module of a method package except its shared one (``skip``): importing a
+    module runs its ``@register`` decorators, so a new file is all a new member needs."""
+    for module in pkgutil.iter_modules(path):
+        if module.name != skip:
+            importlib.import_module(f"{package}.{module.name}")

@@ -5,13 +5,9 @@ a ``name`` and a ``block`` method, decorated with ``@register``. Every module he
 below, so the settings, ``fgsn apply`` and the harnesses accept the new name with no other file
 touched."""
 
-import importlib
-import pkgutil
-
+from fgsn_daemon.core.named import import_members
 from fgsn_daemon.engine.operators.base import Operator, get_operator, operator_names, register, unregister
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_members(__name__, __path__, skip="base")
 
 __all__ = ["Operator", "get_operator", "operator_names", "register", "unregister"]

@@ -5,9 +5,7 @@ To add one, copy ``contrast.py`` into a new module of this package: a ``Scoring`
 so the settings, policy overrides, ``fgsn apply`` and the harnesses accept the new name with no
 other file touched."""
 
-import importlib
-import pkgutil
-
+from fgsn_daemon.core.named import import_members
 from fgsn_daemon.engine.scorings.base import (
     NeuronScores,
     Scoring,
@@ -17,8 +15,6 @@ from fgsn_daemon.engine.scorings.base import (
     unregister,
 )
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_members(__name__, __path__, skip="base")
 
 __all__ = ["NeuronScores", "Scoring", "get_scoring", "register", "scoring_names", "unregister"]

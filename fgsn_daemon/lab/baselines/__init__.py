@@ -9,9 +9,7 @@ checkpoint and a ``Baseline`` subclass decorated with ``@register``; the harness
 no other file touched.
 """
 
-import importlib
-import pkgutil
-
+from fgsn_daemon.core.named import import_members
 from fgsn_daemon.lab.baselines.common import (
     BASELINES,
     DEFAULT_MODULES,
@@ -28,15 +26,12 @@ from fgsn_daemon.lab.baselines.common import (
     resta_tensor,
     safe_lora_update,
 )
+from fgsn_daemon.lab.baselines.random_neurons import random_neurons
+from fgsn_daemon.lab.baselines.resta import resta
+from fgsn_daemon.lab.baselines.restore_band import restore_band
+from fgsn_daemon.lab.baselines.safe_lora import safe_lora
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "common":
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-from fgsn_daemon.lab.baselines.random_neurons import random_neurons  # noqa: E402
-from fgsn_daemon.lab.baselines.resta import resta  # noqa: E402
-from fgsn_daemon.lab.baselines.restore_band import restore_band  # noqa: E402
-from fgsn_daemon.lab.baselines.safe_lora import safe_lora  # noqa: E402
+import_members(__name__, __path__, skip="common")
 
 __all__ = [
     "BASELINES",
