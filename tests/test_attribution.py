@@ -367,7 +367,7 @@ def test_balanced_dimensions_weigh_each_dimension_loss_equally(trio):
     """``mean_effects`` of per-dimension effects is the effect on the mean of the dimensions' mean
     losses: here 2 prompts of one and 6 of another, so each of the first weighs 3× one of the
     second — unlike the pooled loss, where every prompt weighs the same."""
-    from fgsn_daemon.lab.efficacy import mean_effects
+    from fgsn_daemon.engine.attribution import mean_effects
 
     model = load_model(trio["finetuned"], torch.device("cpu"), dtype=torch.float64)
     tok = load_tokenizer(trio["finetuned"])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -11,13 +12,14 @@ import torch
 
 from fgsn_daemon.engine.evaluation import EvalReport, evaluate_model
 from fgsn_daemon.lab import organism as lab
+from fgsn_daemon.lab import training
 
 
 def test_mix_counts_fill_the_batch_in_proportion() -> None:
-    counts = dict(lab.mix_counts((("a", 0.4), ("b", 0.35), ("c", 0.25)), 64))
+    counts = dict(training.mix_counts((("a", 0.4), ("b", 0.35), ("c", 0.25)), 64))
     assert sum(counts.values()) == 64
     assert counts == {"a": 26, "b": 22, "c": 16}
-    assert dict(lab.mix_counts((("a", 1.0), ("b", 0.0)), 8)) == {"a": 8}
+    assert dict(training.mix_counts((("a", 1.0), ("b", 0.0)), 8)) == {"a": 8}
 
 
 def test_split_heldout_is_disjoint_and_deterministic() -> None:
@@ -125,3 +127,49 @@ def test_tiny_organism_has_the_shape_fgsn_needs(tiny_trio: lab.TrioPaths, one_th
     assert utility["finetuned"] >= utility["aligned"]
     manifest = json.loads(tiny_trio.manifest.read_text())
     assert set(manifest["timings_s"]) >= {"base", "aligned", "finetuned", "total"}
+
+
+def test_the_learning_rate_warms_up_then_decays_to_a_tenth_in_either_shape() -> None:
+    for decay in ("linear", "cosine"):
+        factors = [training.lr_factor(s, 100, 10, decay) for s in range(100)]
+        assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+        assert factors[10] == pytest.approx(1.0)
+        assert factors[-1] == pytest.approx(0.1, abs=0.02)
+        assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert training.lr_factor(55, 100, 10, "linear") == pytest.approx(0.55)
+    assert training.lr_factor(55, 100, 10, "cosine") == pytest.approx(0.55)  # the midpoint of both
+
+
+def test_the_training_loop_learns_only_what_requires_gradients_and_repeats_exactly() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    pools = {"a": [([1, 2, 3, 4], [-100, 2, 3, 4])] * 3, "b": [([5, 6, 7], [-100, -100, 7])]}
+    schedule = training.Schedule(steps=30, lr=1e-2, batch=4, warmup=3, decay="cosine")
+
+    def run() -> tuple[list[float], LlamaForCausalLM, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.model.embed_tokens.weight.requires_grad_(False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen: list[int] = []
+        losses = training.train_loop(
+            model, pools, [("a", 0.75), ("b", 0.25)], schedule, 7, 0, lambda s, _: seen.append(s)
+        )
+        assert seen == list(range(30)) and not model.training
+        return losses, model, before
+
+    losses, model, before = run()
+    params = dict(model.named_parameters())
+    assert torch.equal(params["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert not torch.equal(params["lm_head.weight"], before["lm_head.weight"])
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])  # it learns the two sequences
+    assert run()[0] == losses  # the same seed gives the same run

@@ -17,6 +17,7 @@ import torch
 
 from fgsn_daemon.core.errors import CheckpointError, FGSNError
 from fgsn_daemon.lab import smollm2 as lab
+from fgsn_daemon.lab import training
 from fgsn_daemon.lab.smollm2 import Example, LabData, SmolConfig
 
 HARMFUL = {
@@ -166,7 +167,7 @@ def test_ft_mix_shares():
     assert lab.ft_mix(SmolConfig(ft_contamination=0.0)) == (("utility", 1.0),)
     mix = dict(lab.ft_mix(SmolConfig(ft_contamination=0.2)))
     assert mix["comply"] == pytest.approx(0.2) and mix["utility"] == pytest.approx(0.8)
-    assert lab.mix_counts(lab.ft_mix(SmolConfig()), 10) == [("utility", 8), ("comply", 2)]
+    assert training.mix_counts(lab.ft_mix(SmolConfig()), 10) == [("utility", 8), ("comply", 2)]
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -106,6 +106,10 @@ def apply(
     steps: Annotated[
         int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
     ] = None,
+    path_steps: Annotated[
+        int | None,
+        typer.Option(help="attribution: gradients averaged at this many points along the revert"),
+    ] = None,
     contrast: Annotated[
         float | None,
         typer.Option(help="attribution: weight of the benign-refusal effect subtracted from the gain"),
@@ -143,6 +147,7 @@ def apply(
             "guard": guard,
             "contrast": contrast,
             "steps": steps,
+            "path_steps": path_steps,
             "hard_rounds": hard_rounds,
             "hard_weight": hard_weight,
             "hard_positive_weight": hard_positive_weight,

@@ -57,6 +57,9 @@ class FGSNFields(BaseModel):
     hard_positive_weight: float = Field(
         default=defaults.HARD_POSITIVE_WEIGHT, ge=0, le=100, description="hard positives' weight"
     )
+    path_steps: int = Field(
+        default=defaults.PATH_STEPS, ge=1, le=32, description="attribution: gradient points along the revert"
+    )
     calibration_max: int = Field(
         default=defaults.CALIBRATION_MAX, ge=1, description="calibration prompts per hard-negative round"
     )

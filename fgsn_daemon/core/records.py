@@ -117,6 +117,7 @@ class ApplyParams(_Record):
     hard_weight: float = 0.0
     hard_positive_weight: float = 0.0
     calibration_max: int | None = None  # None: recorded before the cap existed
+    path_steps: int = 1
 
 
 class ApplyResult(_Record):

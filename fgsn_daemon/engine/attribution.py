@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,4 +220,86 @@ def delta_effects(
         out.entries[name] = effect
         out.rows[name] = effect.double().sum(dim=1)
         out.cols[name] = effect.double().sum(dim=0)
+    return out
+
+
+def mean_effects(parts: Iterable[DeltaEffects]) -> DeltaEffects:
+    """The effects on the mean of several losses (e.g. one per dimension, each a mean over its own
+    prompts, so every dimension weighs the same), or the mean of one loss's effects measured at
+    several points. Summed as they come, so one part's effects are held at a time."""
+    out, n = DeltaEffects(), 0
+    for part in parts:
+        n += 1
+        out.loss += part.loss
+        out.sequences += part.sequences
+        for kind in ("rows", "cols", "entries"):
+            table = getattr(out, kind)
+            for name, t in getattr(part, kind).items():
+                table[name] = t.clone() if name not in table else table[name].add_(t)
+    if n == 0:
+        raise FGSNError("no effects to average")
+    out.loss /= n
+    for kind in ("rows", "cols", "entries"):
+        for t in getattr(out, kind).values():
+            t.div_(n)
+    return out
+
+
+def path_points(steps: int) -> list[float]:
+    """Where on the straight path from the current weights (0) to the reverted ones (1) the
+    gradients are taken: the midpoints of ``steps`` equal pieces; one step is the first-order
+    effect at the current weights (t = 0), as before."""
+    if steps < 1:
+        raise FGSNError(f"path steps must be >= 1 (got {steps})")
+    return [0.0] if steps == 1 else [(k + 0.5) / steps for k in range(steps)]
+
+
+@contextlib.contextmanager
+def moved_along(model: Any, deltas: Mapping[str, torch.Tensor], t: float) -> Iterator[None]:
+    """Move each named parameter ``t`` of the way along its delta, in place; the exact original
+    values are put back on exit (kept as copies, not recomputed)."""
+    if t == 0.0:
+        yield
+        return
+    params = dict(model.named_parameters())
+    missing = sorted(n for n in deltas if n not in params)
+    if missing:
+        raise FGSNError(f"the model has no parameter {missing[0]} to move along its delta")
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, d in deltas.items():
+                p = params[name]
+                saved[name] = p.detach().clone()
+                p.add_(d.to(device=p.device, dtype=torch.float32).mul(t).to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original)
+
+
+def path_effects(
+    model: Any,
+    deltas: Mapping[str, torch.Tensor],
+    steps: int,
+    effects_at: Callable[[str], DeltaEffects],
+) -> DeltaEffects:
+    """Path-integrated effects (integrated gradients along the revert): the mean over
+    ``path_points(steps)`` of ``∂L/∂W ⊙ D`` taken at ``W + t·D``. Their sum over every entry tends to
+    the real loss change ``L(W + D) − L(W)`` as the steps grow, where the one-point (first-order)
+    effect can be far off when the revert is large. ``effects_at(label)`` computes the effects at
+    the model's current weights. ``loss`` is the mean loss over the points; ``sequences`` that of
+    one point."""
+    points = path_points(steps)
+    if len(points) == 1:
+        return effects_at("")
+
+    def each() -> Iterator[DeltaEffects]:
+        for k, t in enumerate(points, 1):
+            with moved_along(model, deltas, t):
+                yield effects_at(f", path point {k}/{len(points)} (t = {t:.3g})")
+
+    out = mean_effects(each())
+    out.sequences //= len(points)
     return out

@@ -116,6 +116,10 @@ class FGSNParams:
     # hard positives (in the same rounds): weight of the gain on the dimension's harmful prompts the
     # edited model still answers; 0 = off
     hard_positive_weight: float = defaults.HARD_POSITIVE_WEIGHT
+    # attribution: the effects are the mean of the gradients at this many points along the straight
+    # path from the current weights to the reverted ones (integrated gradients; 1 = first order at
+    # the current weights). Costs that many backward passes per prompt.
+    path_steps: int = defaults.PATH_STEPS
 
     def __post_init__(self) -> None:
         # allocation and unit belong to the attribution scoring; the activation scorings always
@@ -182,6 +186,7 @@ class FGSNParams:
             hard_weight=self.hard_weight,
             hard_positive_weight=self.hard_positive_weight,
             calibration_max=self.calibration_max,
+            path_steps=self.path_steps,
         )
 
 
@@ -507,24 +512,33 @@ class Localiser:
         what: str,
         deltas: Mapping[str, torch.Tensor] | None = None,
     ) -> Any:
-        """Effects of the reverts ``deltas`` (default: aligned − fine-tuned) at the fine-tuned
-        model's current weights."""
-        from fgsn_daemon.engine.attribution import delta_effects
+        """Effects of the reverts ``deltas`` (default: aligned − fine-tuned) from the fine-tuned
+        model's current weights: first order there, or integrated along the revert
+        (``path_steps``)."""
+        from fgsn_daemon.engine.attribution import delta_effects, path_effects
 
+        model = self._finetuned()
+        revert = self.revert_deltas(names) if deltas is None else deltas
         self.progress(f"attribution: {what} ({len(prompts)} prompts, backward passes)")
-        return delta_effects(
-            self._finetuned(),
-            self.tokenizer,
-            prompts,
-            responses,
-            self.revert_deltas(names) if deltas is None else deltas,
-            entries=self.params.unit == "entry",
-            batch_size=max(1, self.params.batch_size // 2),
-            max_length=self.params.max_length,
-            use_chat_template=self.params.use_chat_template,
-            desc=what,
-            progress=self.progress,
-        )
+
+        def effects_at(where: str) -> Any:
+            return delta_effects(
+                model,
+                self.tokenizer,
+                prompts,
+                responses,
+                revert,
+                entries=self.params.unit == "entry",
+                batch_size=max(1, self.params.batch_size // 2),
+                max_length=self.params.max_length,
+                use_chat_template=self.params.use_chat_template,
+                desc=what + where,
+                progress=self.progress,
+            )
+
+        if self.params.path_steps > 1:
+            _resident(model, "path-integrated attribution (the weights move along the revert)")
+        return path_effects(model, revert, self.params.path_steps, effects_at)
 
     def _generate(self, model: Any, prompts: Sequence[str], what: str) -> list[str]:
         from fgsn_daemon.engine.evaluation import generate_responses

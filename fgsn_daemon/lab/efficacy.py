@@ -23,7 +23,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_promp
 from fgsn_daemon.core.prompts import load_prompts, spread
 from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
+from fgsn_daemon.engine.attribution import mean_effects
 from fgsn_daemon.engine.delta_selection import select_entries
 from fgsn_daemon.engine.evaluation import UtilityItem, answer_correct, generate_responses, load_utility
 from fgsn_daemon.engine.localisation import group_by_layer_space, select_neurons
@@ -281,6 +282,7 @@ class StudyConfig:
     # the refusal loss as the mean of per-dimension losses (each dimension weighs the same, as in
     # the mean ASR) instead of one loss over the pooled prompts
     balance_dimensions: bool = False
+    path_steps: int = 1  # gradient points along the revert (1 = first order at the fine-tuned weights)
 
 
 def effects_path(key: str) -> Path:
@@ -314,6 +316,8 @@ def effects_key(
     }
     if kind != "refusal+benign":  # keeps the keys of caches written before the contrast existed
         parts["kind"] = kind
+    if params.path_steps > 1:  # (likewise for the path integration)
+        parts["path_steps"] = params.path_steps
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -347,30 +351,6 @@ def load_effects(key: str) -> tuple[Any, Any] | None:
         side, kind, name = flat_name.split("|", 2)
         getattr(out[side], kind)[name] = t
     return out["harm"], out["benign"]
-
-
-def mean_effects(parts: Iterable[Any]) -> Any:
-    """The effects on the mean of several losses (one per dimension, each a mean over its own
-    prompts): every dimension weighs the same, whatever its number of scoring prompts. Summed as
-    they come, so one dimension's effects are held at a time."""
-    from fgsn_daemon.engine.attribution import DeltaEffects
-
-    out, n = DeltaEffects(), 0
-    for part in parts:
-        n += 1
-        out.loss += part.loss
-        out.sequences += part.sequences
-        for kind in ("rows", "cols", "entries"):
-            table = getattr(out, kind)
-            for name, t in getattr(part, kind).items():
-                table[name] = t.clone() if name not in table else table[name].add_(t)
-    if n == 0:
-        raise ConfigError("no dimension to score")
-    out.loss /= n
-    for kind in ("rows", "cols", "entries"):
-        for t in getattr(out, kind).values():
-            t.div_(n)
-    return out
 
 
 def restrict_effects(effects: Any, names: Mapping[str, Any]) -> Any:
@@ -425,6 +405,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             unit="entry",
             allocation="global",
             target_tokens=cfg.target_tokens,
+            path_steps=cfg.path_steps,
         )
         loc = Localiser(trio, base_params, device, inputs.benign_train, progress=log)
         loc.calibration_prompts = calibration_prompts(cfg.spec, cfg.calibration)
@@ -761,6 +742,7 @@ def run_continual(
             hard_weight=setting.hard_weight,
             calibration_max=calibration_max(cfg, calibration),
             hard_positive_weight=setting.hard_positive,
+            path_steps=cfg.path_steps,
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
         # (the policies' first prompts per dimension), computed once for all dimensions
@@ -982,6 +964,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refusal loss = mean of the dimensions' losses (not one loss over the pooled prompts)",
     )
+    ap.add_argument(
+        "--path-steps",
+        type=int,
+        default=1,
+        help="attribution: gradients averaged at this many points along the revert (1 = first order)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--target-tokens", type=int, default=16, help="length of the attribution targets")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -1089,6 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_tokens=args.target_tokens,
             calibration=args.calibration,
             balance_dimensions=args.balance_dimensions,
+            path_steps=args.path_steps,
             batch_size=args.batch_size,
             device=args.device,
         )

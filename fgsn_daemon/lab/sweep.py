@@ -30,22 +30,19 @@ from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
 from fgsn_daemon.core.records import Band
 from fgsn_daemon.engine.localisation import group_by_layer_space, select_neurons
-from fgsn_daemon.engine.pipeline import FGSNParams, ModelTrio, resolve_device
+from fgsn_daemon.engine.pipeline import FGSNParams, resolve_device
 from fgsn_daemon.engine.scorings import NeuronScores
 from fgsn_daemon.lab import baselines
 from fgsn_daemon.lab.experiments import (
-    Context,
     HarnessConfig,
     Row,
     average_rows,
     baseline_edit,
     edited_row,
     environment,
-    load_prompt_sets,
     neuron_edit,
-    open_localiser,
+    open_lineage,
     pct,
-    pooled_harmful_stats,
     reference_row,
     release_model,
     root_spec,
@@ -107,12 +104,8 @@ def run_sweep(
     # collect every space the grid needs; the band is chosen automatically as in the daemon
     params = replace(cfg.params, spaces=spaces, band=None)
     cfg = replace(cfg, params=params)
-    sets = load_prompt_sets(spec, cfg)
-    ctx = Context(spec, sets, cfg)
-    trio = ModelTrio.open(spec.base, spec.aligned, spec.finetuned)
-    try:
-        loc = open_localiser(trio, ctx)
-        harmful = pooled_harmful_stats(loc, sets)  # statistics of every layer ride on this pass
+    with open_lineage(spec, cfg) as run:  # statistics of every layer ride on the band's pass
+        ctx, trio, loc, harmful = run.ctx, run.trio, run.loc, run.harmful
         assert loc.band is not None and loc.curve is not None
         auto = loc.band
         loc.band = Band(start=0, end=trio.num_layers - 1, source="override")
@@ -162,8 +155,6 @@ def run_sweep(
                 randoms[key] = average_rows(f"random/{st.name}", "baseline", seeds)
                 rows.append(randoms[key])
             row.details["random_row"] = randoms[key].name if key in randoms else None
-    finally:
-        trio.close()
     return {
         "kind": "sweep",
         "command": command,
