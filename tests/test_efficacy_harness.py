@@ -4,6 +4,7 @@ set, and the declared selection rule."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,30 @@ def test_a_calibration_file_is_used_whole_and_otherwise_the_product_cap_holds(tm
     assert prompts is not None and calibration_max(explored, prompts) == defaults.CALIBRATION_MAX + 7
     plain = StudyConfig(s, "selection", [], (0,), ())
     assert calibration_max(plain, calibration_prompts(s)) == defaults.CALIBRATION_MAX
+
+
+def test_scored_effects_are_cached_per_path_steps_and_first_order_keys_are_unchanged(tmp_path: Path) -> None:
+    """Effects integrated along the revert are a different score: they get their own cache entry,
+    while the first-order key stays what it was before the option existed (old caches still hit)."""
+    import hashlib
+
+    from fgsn_daemon.engine.io.checkpoint import folder_fingerprint
+    from fgsn_daemon.engine.pipeline import FGSNParams
+    from fgsn_daemon.lab.efficacy import effects_key
+
+    s = spec(tmp_path, with_selection=False)
+    params = FGSNParams(scoring="attribution", unit="entry")
+    first = effects_key(s, ["h"], ["b"], ["w"], params)
+    assert effects_key(s, ["h"], ["b"], ["w"], replace(params, path_steps=1)) == first
+    integrated = effects_key(s, ["h"], ["b"], ["w"], replace(params, path_steps=3))
+    assert integrated != first != effects_key(s, ["h"], ["b"], ["w"], replace(params, path_steps=4))
+    legacy = {
+        "models": [folder_fingerprint(p) for p in (s.base, s.aligned, s.finetuned)],
+        "harmful": ["h"],
+        "benign": ["b"],
+        "names": ["w"],
+        "target_tokens": params.target_tokens,
+        "max_length": params.max_length,
+        "version": 1,
+    }
+    assert first == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:24]
