@@ -11,6 +11,11 @@ No weight is updated and no gradient copy of the model is kept: for a linear lay
 column's is ``Σ_t x_t[i] · (g_t · D[:, i])``: hooks see ``x`` and ``g`` and only per-row and
 per-column sums are accumulated. Entry effects (``--unit entry``) need ``∂L/∂W`` itself, accumulated
 only for the tensors being scored.
+
+Far from the aligned weights the first-order effect can be far off (the refusal loss is not linear
+along a large revert). ``path_effects`` averages the same quantity at points ``W + t·D`` along the
+revert (integrated gradients, midpoint rule), whose sum over all entries tends to the real loss
+change of the whole revert.
 """
 
 from __future__ import annotations
