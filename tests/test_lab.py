@@ -141,17 +141,10 @@ def test_the_learning_rate_warms_up_then_decays_to_a_tenth_in_either_shape() -> 
 
 
 def test_the_training_loop_learns_only_what_requires_gradients_and_repeats_exactly() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import config_for
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    config = config_for("llama", layers=1, hidden=16, intermediate=32)
     pools = {"a": [([1, 2, 3, 4], [-100, 2, 3, 4])] * 3, "b": [([5, 6, 7], [-100, -100, 7])]}
     schedule = training.Schedule(steps=30, lr=1e-2, batch=4, warmup=3, decay="cosine")
 

@@ -47,7 +47,6 @@ import torch
 from fgsn_daemon.core.errors import PromptFileError
 from fgsn_daemon.core.prompts import load_prompts
 from fgsn_daemon.lab import training
-from fgsn_daemon.lab.training import Schedule, train_loop
 
 DIMENSIONS: tuple[str, ...] = ("cybercrime", "weapons", "drugs", "fraud", "harassment")
 STAGES: tuple[str, ...] = ("base", "aligned", "finetuned")
@@ -520,8 +519,8 @@ def train_stage(
         if step % 25 == 0 or step == steps - 1:
             log(f"  step {step + 1}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
 
-    schedule = Schedule(steps=steps, lr=lr, batch=cfg.batch, warmup=cfg.warmup, decay="cosine")
-    losses = train_loop(model, encoded, mix, schedule, seed, pad_id, report)
+    schedule = training.Schedule(steps=steps, lr=lr, batch=cfg.batch, warmup=cfg.warmup, decay="cosine")
+    losses = training.train_loop(model, encoded, mix, schedule, seed, pad_id, report)
     recent = losses[-20:]
     return sum(recent) / max(1, len(recent))
 
