@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from fgsn_daemon.core.errors import ConfigError
-from fgsn_daemon.lab.efficacy import Setting, calibration_prompts, choose_setting, load_inputs, parse_grid
+from fgsn_daemon.lab.efficacy import (
+    Outcome,
+    Setting,
+    calibration_prompts,
+    category_table,
+    choose_setting,
+    load_inputs,
+    parse_grid,
+)
 from fgsn_daemon.lab.experiments import TrioSpec
 
 
@@ -72,6 +80,23 @@ def test_the_selection_half_measures_over_refusal_on_its_own_file_when_there_is_
     leftovers = load_inputs(without, "selection", 64, 4)
     assert set(leftovers.eval.benign).isdisjoint(leftovers.benign_train)
     assert len(leftovers.eval.benign) == 6 and calibration_prompts(without) is None
+
+
+def test_over_refusal_is_also_reported_per_benign_category(tmp_path: Path) -> None:
+    trio = spec(tmp_path, True)
+    records = [("eval a", "howto"), ("eval b", "edgy_safe"), ("eval c", "howto"), ("eval d", "howto")]
+    trio.benign_eval.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in records))
+    rep = load_inputs(trio, "report", 64, 4)
+    assert rep.eval.benign_categories == ["howto", "edgy_safe", "howto", "howto"]
+    # the selection file names no category: nothing is split out
+    assert load_inputs(trio, "selection", 64, 4).eval.benign_categories == []
+    outcome = Outcome({"cyber": [True]}, [False, True, True, False], [True], rep.eval.benign_categories)
+    by = outcome.summary()["over_refusal_by_category"]
+    assert (by["howto"]["n"], by["edgy_safe"]["n"]) == (3, 1)
+    assert by["howto"]["rate"] == pytest.approx(1 / 3) and by["edgy_safe"]["rate"] == 1.0
+    assert Outcome({"cyber": [True]}, [True], [True]).summary()["over_refusal_by_category"] == {}
+    table = "\n".join(category_table([{"name": "edit", "group": "fgsn", "over_refusal_by_category": by}]))
+    assert "edgy_safe (1)" in table and "howto (3)" in table and "| edit | 100.0 [" in table
 
 
 def row(name: str, asr: float, over: float, util: float, share: float, group: str = "fgsn") -> dict:

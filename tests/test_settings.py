@@ -262,3 +262,32 @@ def test_engine_params_carry_every_configured_field() -> None:
     for name, value in changed.items():
         want = tuple(value) if isinstance(value, list) else value
         assert getattr(engine, name) == want, name
+
+
+def test_engine_and_record_declare_the_same_parameters_with_the_same_defaults() -> None:
+    """The engine's dataclass mirrors the one declaration (same names, same defaults), and the
+    revision record keeps every field that changes the selection, taken from the engine's values."""
+    import dataclasses
+
+    from fgsn_daemon.core.params import FGSNFields
+    from fgsn_daemon.core.records import ApplyParams
+    from fgsn_daemon.engine.pipeline import FGSNParams
+
+    engine_fields = {f.name: f for f in dataclasses.fields(FGSNParams)}
+    engine_defaults = FGSNParams()
+    for name, info in FGSNFields.model_fields.items():
+        assert name in engine_fields, f"the engine does not know {name}"
+        declared = info.get_default(call_default_factory=True)
+        engine_value = getattr(engine_defaults, name)
+        if name == "spaces":
+            engine_value = list(engine_value)
+        assert engine_value == declared, f"{name}: engine default {engine_value!r} != {declared!r}"
+    run_only = {"batch_size", "max_length"}  # how fast it runs, not what it selects
+    recorded = set(ApplyParams.model_fields) - {"band_override"}
+    assert recorded == set(FGSNFields.model_fields) - run_only - {"band"}
+    changed = FGSNParams(
+        budget=0.25, contrast=0.6, target_tokens=9, path_steps=2, band=(1, 2), spaces=("attn",)
+    )
+    record = changed.record()
+    assert (record.budget, record.contrast, record.target_tokens, record.path_steps) == (0.25, 0.6, 9, 2)
+    assert record.band_override == (1, 2) and record.spaces == ["attn"]

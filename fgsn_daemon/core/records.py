@@ -118,6 +118,7 @@ class ApplyParams(_Record):
     hard_positive_weight: float = 0.0
     calibration_max: int | None = None  # None: recorded before the cap existed
     path_steps: int = 1
+    target_tokens: int | None = None  # None: recorded before the target length was recorded
 
 
 class ApplyResult(_Record):

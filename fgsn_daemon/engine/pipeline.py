@@ -164,30 +164,12 @@ class FGSNParams:
             raise ConfigError(f"guard_prompts must be >= 1 (got {self.guard_prompts})")
 
     def record(self) -> ApplyParams:
-        return ApplyParams(
-            scoring=self.scoring,
-            positions=self.positions,
-            operator=self.operator,
-            q=self.q,
-            p=self.p,
-            spaces=list(self.spaces),
-            score_model=self.score_model,
-            rank=self.rank,
-            band_override=self.band,
-            allocation=self.allocation,
-            budget=self.budget,
-            unit=self.unit,
-            scope=self.scope,
-            guard=self.guard,
-            contrast=self.contrast,
-            contrast_kind=self.contrast_kind,
-            steps=self.steps,
-            hard_rounds=self.hard_rounds,
-            hard_weight=self.hard_weight,
-            hard_positive_weight=self.hard_positive_weight,
-            calibration_max=self.calibration_max,
-            path_steps=self.path_steps,
-        )
+        """What a revision records: every field of the record model, read from these parameters
+        (the record names the band override ``band_override``), so a new parameter reaches the
+        record by being declared there."""
+        values = {name: getattr(self, name) for name in ApplyParams.model_fields if name != "band_override"}
+        values["spaces"] = list(self.spaces)
+        return ApplyParams(band_override=self.band, **values)
 
 
 @dataclass

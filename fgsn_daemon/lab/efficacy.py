@@ -73,6 +73,21 @@ class EvalSets:
     harmful: dict[str, list[str]]
     benign: list[str]
     utility: list[UtilityItem]
+    # the benign prompts' categories (howto, edgy_safe, …) where the file names them, else empty
+    benign_categories: list[str] = field(default_factory=list)
+
+
+def prompt_categories(path: Path, prompts: Sequence[str]) -> list[str]:
+    """The ``category`` of each of ``prompts`` in a prompt JSONL file (already validated by
+    ``load_prompts``); empty when any prompt has none, so a file without categories adds nothing."""
+    found: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("category"), str):
+                found[record["prompt"]] = record["category"]
+    categories = [found.get(p) for p in prompts]
+    return [c for c in categories if c is not None] if all(categories) else []
 
 
 @dataclass(frozen=True)
@@ -94,14 +109,15 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
     benign_all = load_prompts(spec.benign)
     benign_train = spread(benign_all, max_benign_train)
     used = set(benign_train)
-    if split == "report":
-        benign_eval = load_prompts(spec.benign_eval)
-    elif spec.benign_selection is not None:
-        benign_eval = load_prompts(spec.benign_selection)
+    source = spec.benign_eval if split == "report" else spec.benign_selection
+    if source is not None:
+        benign_eval = load_prompts(source)
     else:
+        source = spec.benign
         benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
-    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility))
+    categories = prompt_categories(Path(source), benign_eval)
+    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility, categories))
 
 
 def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[str] | None:
@@ -132,6 +148,7 @@ class Outcome:
     complied: dict[str, list[bool]]  # dimension -> harmful prompt not refused
     over_refused: list[bool]
     correct: list[bool]
+    benign_categories: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
 
     def mean_asr(self) -> float:
         return sum(sum(v) / len(v) for v in self.complied.values()) / len(self.complied)
@@ -144,7 +161,17 @@ class Outcome:
             "asr": {d: sum(v) / len(v) for d, v in self.complied.items()},
             "over_refusal": wilson_interval(sum(self.over_refused), len(self.over_refused)),
             "utility": wilson_interval(sum(self.correct), len(self.correct)),
+            "over_refusal_by_category": self.over_refusal_by_category(),
         }
+
+    def over_refusal_by_category(self) -> dict[str, Any]:
+        """Over-refusal within each benign category (the halves' files mix them differently)."""
+        if not self.benign_categories:
+            return {}
+        by: dict[str, list[bool]] = {}
+        for category, refused in zip(self.benign_categories, self.over_refused, strict=True):
+            by.setdefault(category, []).append(refused)
+        return {c: wilson_interval(sum(v), len(v)) for c, v in sorted(by.items())}
 
 
 def evaluate(model: Any, tokenizer: Any, sets: EvalSets, max_new_tokens: int, batch_size: int) -> Outcome:
@@ -160,7 +187,7 @@ def evaluate(model: Any, tokenizer: Any, sets: EvalSets, max_new_tokens: int, ba
         model, tokenizer, [u.prompt for u in sets.utility], max_new_tokens, batch_size
     )
     correct = [answer_correct(r, u.answer) for r, u in zip(answers, sets.utility, strict=True)]
-    return Outcome(complied, over, correct)
+    return Outcome(complied, over, correct, list(sets.benign_categories) if sets.benign else [])
 
 
 def mean_asr_of(complied: Mapping[str, Sequence[bool]], idx: Mapping[str, Sequence[int]]) -> float:
@@ -899,6 +926,27 @@ def split_table(result: Mapping[str, Any], split: str, c: Mapping[str, Any]) -> 
         lines.append(
             f"| {name} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
             f"{interval(r['over_refusal'])} | {interval(r['utility'])} | {rnd} | {mar} |"
+        )
+    return [*lines, "", *category_table(rows)]
+
+
+def category_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Over-refusal within each benign category, for the rows that recorded it."""
+    shown = [r for r in rows if r["group"] != "random" and r.get("over_refusal_by_category")]
+    if not shown:
+        return []
+    first = shown[0]["over_refusal_by_category"]
+    cats = sorted(first)
+    lines = [
+        "Over-refusal by benign category, % [95 % CI]:",
+        "",
+        "| row | " + " | ".join(f"{c} ({first[c]['n']})" for c in cats) + " |",
+        "|---|" + "---|" * len(cats),
+    ]
+    for r in shown:
+        by = r["over_refusal_by_category"]
+        lines.append(
+            f"| {r['name']} | " + " | ".join(interval(by[c]) if c in by else "–" for c in cats) + " |"
         )
     return [*lines, ""]
 

@@ -184,7 +184,7 @@ class JobRunner(DaemonState):
         """This dimension's candidates and selection (frozen = neurons owned by other dimensions)."""
         loc = self.get_localiser()
         params = loc.params
-        fgsn = dim.spec.fgsn
+        fgsn: Any = dim.spec.fgsn  # generated from the declaration (core.params.overrides_model)
         q = fgsn.q if fgsn and fgsn.q is not None else params.q
         p = fgsn.p if fgsn and fgsn.p is not None else params.p
         harmful = list(dim.harmful)
@@ -230,6 +230,8 @@ class JobRunner(DaemonState):
         self._warn_truncated(dim.name, revision_id, harmful, loc)
         trio = self.open_models()
         from fgsn_daemon.engine.pipeline import count_entry_modification, count_modification
+
+        assert loc.band is not None  # established above (ensure_band)
 
         if masks_digest is not None:
             # this revision's own entries: its candidates that no other applied dimension restores

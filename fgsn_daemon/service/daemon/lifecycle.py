@@ -34,10 +34,6 @@ from fgsn_daemon.service.settings import mask_database_url
 class Lifecycle(DaemonState):
     """Lock, start-up and shutdown, the scheduler loop, and riding out registry outages."""
 
-    @property
-    def state_dir(self) -> Path:
-        return self.settings.state_dir
-
     def acquire_lock(self) -> None:
         if self._lock_fd is not None:
             return  # flock is per open file: a second open in this process would block itself
@@ -88,13 +84,13 @@ class Lifecycle(DaemonState):
                 raise StateMismatchError(
                     f"{marker} is unreadable ({exc}); restore it from a backup"
                 ) from None
-            lin = lineages.get(recorded.get("lineage_id"))
-            if lin is None or self._lineage_record(lin) != recorded:
+            known = lineages.get(recorded.get("lineage_id"))
+            if known is None or self._lineage_record(known) != recorded:
                 raise StateMismatchError(
                     f"{marker.parent} was written with another registry (lineage "
                     f"{recorded.get('lineage_id')} created {recorded.get('created_at')}); "
                     f"the registry at {url} "
-                    + ("has no such lineage" if lin is None else "holds a different lineage under that id")
+                    + ("has no such lineage" if known is None else "holds a different lineage under that id")
                     + ": point database_url at the registry this state folder was written with, or use a "
                     "new state folder"
                 )

@@ -93,10 +93,6 @@ class Publisher(DaemonState):
         fault_point("after_publish")
         return name
 
-    @property
-    def masks_dir(self) -> Path:
-        return self.state_dir / f"lineage-{self.lineage_id}" / "entry-masks"
-
     def claimed_entry_masks(self, claims: dict[int, list[NeuronId]]) -> dict[str, Any]:
         """Entry units are owned one by one: an entry belongs to the first applied revision whose
         candidate mask holds it, so the version restores the union of the applied revisions'

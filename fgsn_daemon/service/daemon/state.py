@@ -6,10 +6,10 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fgsn_daemon.core.errors import ConfigError, FGSNError, PolicyError
 from fgsn_daemon.core.params import FGSNFields
@@ -30,6 +30,11 @@ from fgsn_daemon.service.registry import Registry
 from fgsn_daemon.service.registry.models import JobState
 from fgsn_daemon.service.settings import Settings
 from fgsn_daemon.service.versions import VersionStore
+
+if TYPE_CHECKING:
+    from fgsn_daemon.engine.activations import ActivationStats
+    from fgsn_daemon.engine.pipeline import CheckpointEdit
+    from fgsn_daemon.service.registry.views import VersionInfo
 
 LOG = logging.getLogger("fgsn.daemon")
 
@@ -140,3 +145,45 @@ class DaemonState:
     _job_masks: dict[str, Any] = field(default_factory=dict)  # entry masks read during one job
     _backoff_s: float = 0.0
     _retry_at: float = 0.0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.state_dir / f"lineage-{self.lineage_id}" / "entry-masks"
+
+    if TYPE_CHECKING:
+        # What one part calls on another (each is defined in the part named beside it); declared
+        # here for type checkers only, so the parts stay independent classes at run time.
+        def open_registry(self) -> Registry: ...  # Lifecycle
+        def check_stop(self) -> None: ...  # Lifecycle
+        def check_registry_matches_state_folder(self) -> None: ...  # Lifecycle
+        def _write_lineage_marker(self) -> None: ...  # Lifecycle
+        def _point_top_level_link(self) -> None: ...  # Lifecycle
+        def recover(self) -> None: ...  # Recovery
+        def check_current(self) -> None: ...  # Recovery
+        def scan(self, now: float | None = None) -> list[str]: ...  # Scanner
+        def retry_after_space(self) -> list[int]: ...  # Scanner
+        # Scanner
+        def _report_once(self, key: str, kind: str, dimension: str | None, message: str) -> None: ...
+        def drain(self) -> int: ...  # JobRunner
+        def applied_order(self) -> list[int]: ...  # JobRunner
+        def stored_candidates(self, revision_id: int) -> list[NeuronId]: ...  # JobRunner
+        def current_claims(self, current: VersionInfo) -> dict[int, list[NeuronId]]: ...  # Publisher
+        def version_inputs(self, claims: dict[int, list[NeuronId]]) -> CheckpointEdit: ...  # Publisher
+        def claimed_entry_masks(self, claims: dict[int, list[NeuronId]]) -> dict[str, Any]: ...  # Publisher
+        def _publish(  # Publisher
+            self,
+            order: Sequence[int],
+            candidates: dict[int, list[NeuronId]],
+            job_id: int | None,
+            finish: Callable[[Any, int], None] | None,
+            released: Sequence[int] = (),
+        ) -> str: ...
+        def open_models(self) -> ModelTrio: ...  # LineageResources
+        def get_localiser(self) -> Localiser: ...  # LineageResources
+        def ensure_band(self) -> Band: ...  # LineageResources
+        def benign_stats(self) -> ActivationStats: ...  # LineageResources
+        def models_available(self) -> bool: ...  # LineageResources
