@@ -80,3 +80,72 @@ def test_the_rule_catches_a_violation(tmp_path: Path) -> None:
     with_package = tmp_path / "pkg_import.py"
     with_package.write_text("from fgsn_daemon import lab\n")
     assert layer_of(next(iter(imports(with_package)))) == "lab"
+
+
+def module_graph(package: Path) -> dict[str, set[str]]:
+    """Each module's imports of other modules of the package (function-level imports included;
+    ``from pkg.mod import name`` counts as an import of ``pkg.mod``)."""
+    modules: dict[str, Path] = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for dep in imports(path):
+            while dep and dep not in modules:
+                dep = dep.rpartition(".")[0]
+            if dep and dep != name:
+                deps.add(dep)
+        graph[name] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's strongly
+    connected components with more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """Not even through a function-level import (the demo and its report once did)."""
+    assert import_cycles(module_graph(PACKAGE)) == []
+
+
+def test_the_cycle_check_finds_a_lazy_cycle(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "lab").mkdir(parents=True)
+    (pkg / "lab" / "demo.py").write_text("from fgsn_daemon.lab.report import table\n")
+    (pkg / "lab" / "report.py").write_text("def table():\n    from fgsn_daemon.lab.demo import run\n")
+    (pkg / "lab" / "plots.py").write_text("import fgsn_daemon.lab.report\n")
+    assert import_cycles(module_graph(pkg)) == [["lab.demo", "lab.report"]]

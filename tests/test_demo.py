@@ -7,7 +7,8 @@ import json
 import pytest
 from helpers import BENIGN, make_trio, write_jsonl
 
-from fgsn_daemon.lab.demo import DemoInputs, format_table, run_demo
+from fgsn_daemon.lab.demo import DemoInputs, run_demo
+from fgsn_daemon.lab.report import format_table
 
 pytestmark = pytest.mark.slow
 

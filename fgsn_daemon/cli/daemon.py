@@ -72,7 +72,8 @@ def demo(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Build (or reuse) a lab trio, run the daemon once over its policies, evaluate before and after."""
-    from fgsn_daemon.lab.demo import format_table, run_demo
+    from fgsn_daemon.lab.demo import run_demo
+    from fgsn_daemon.lab.report import format_table
 
     setup_logging(False)
     try:

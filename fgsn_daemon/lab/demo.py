@@ -20,11 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from fgsn_daemon.core.policy import bundled_policies_dir
 from fgsn_daemon.core.prompts import load_prompts
 from fgsn_daemon.engine.evaluation import EvalReport, evaluate_model, load_utility
+from fgsn_daemon.lab.report import DemoReport, DemoRow, write_html_report
 from fgsn_daemon.service.daemon import Daemon, folder_fingerprint
 from fgsn_daemon.service.registry import Registry
 from fgsn_daemon.service.settings import FGSNParams as SettingsParams
@@ -40,20 +39,6 @@ class DemoInputs:
     benign: Path | None  # localisation benign prompts (None = bundled)
     benign_eval: Path
     utility_eval: Path
-
-
-class DemoRow(BaseModel):
-    label: str
-    path: str
-    report: EvalReport
-    modified_share: float = 0.0
-
-
-class DemoReport(BaseModel):
-    model: str
-    seconds: float
-    dimensions: list[str]
-    rows: list[DemoRow]
 
 
 # Per-model overrides of the default setting: the tiny organism's 1.3 M parameters need a larger
@@ -175,23 +160,5 @@ def run_demo(
         )
     result = DemoReport(model=model, seconds=time.perf_counter() - start, dimensions=dims, rows=rows)
     (out / "report.json").write_text(result.model_dump_json(indent=2))
-    from fgsn_daemon.lab.report import write_html_report
-
     write_html_report(result, out / "report.html")
     return result
-
-
-def format_table(report: DemoReport) -> str:
-    dims = sorted({d for r in report.rows for d in r.report.dimensions})
-    head = ["model", *[f"ASR {d}" for d in dims], "mean ASR", "over-refusal", "utility", "% params changed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report.rows:
-        e = r.report
-        cells = [r.label]
-        cells += [f"{e.dimensions[d].asr:.2f}" if d in e.dimensions else "-" for d in dims]
-        cells.append(f"{e.mean_asr:.2f}" if e.mean_asr is not None else "-")
-        cells.append(f"{e.over_refusal.rate:.2f}" if e.over_refusal else "-")
-        cells.append(f"{e.utility.rate:.2f}" if e.utility else "-")
-        cells.append(f"{100 * e.parameters_changed.share:.3f}" if e.parameters_changed else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""A small self-contained HTML report for ``fgsn demo`` (plots embedded as PNG data URIs)."""
+"""What ``fgsn demo`` produced (``DemoReport``) and how it is shown: a Markdown table and a small
+self-contained HTML report (plots embedded as PNG data URIs)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,40 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from fgsn_daemon.lab.demo import DemoReport
+from pydantic import BaseModel
+
+from fgsn_daemon.engine.evaluation import EvalReport
+
+
+class DemoRow(BaseModel):
+    label: str
+    path: str
+    report: EvalReport
+    modified_share: float = 0.0
+
+
+class DemoReport(BaseModel):
+    model: str
+    seconds: float
+    dimensions: list[str]
+    rows: list[DemoRow]
+
+
+def format_table(report: DemoReport) -> str:
+    dims = sorted({d for r in report.rows for d in r.report.dimensions})
+    head = ["model", *[f"ASR {d}" for d in dims], "mean ASR", "over-refusal", "utility", "% params changed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        e = r.report
+        cells = [r.label]
+        cells += [f"{e.dimensions[d].asr:.2f}" if d in e.dimensions else "-" for d in dims]
+        cells.append(f"{e.mean_asr:.2f}" if e.mean_asr is not None else "-")
+        cells.append(f"{e.over_refusal.rate:.2f}" if e.over_refusal else "-")
+        cells.append(f"{e.utility.rate:.2f}" if e.utility else "-")
+        cells.append(f"{100 * e.parameters_changed.share:.3f}" if e.parameters_changed else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _png(fig: object) -> str:
@@ -72,8 +103,6 @@ def tradeoff_plot(report: DemoReport) -> str:
 
 
 def write_html_report(report: DemoReport, path: Path) -> None:
-    from fgsn_daemon.lab.demo import format_table
-
     rows = format_table(report).splitlines()
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in rows[2:]]
