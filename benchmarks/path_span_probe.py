@@ -25,12 +25,18 @@ def main(argv: list[str]) -> int:
     span = float(argv[1])
     if not 0.0 < span <= 1.0:
         raise SystemExit(f"--span must be in (0, 1] (got {span})")
+    harness = argv[2:]
+    steps = int(harness[harness.index("--path-steps") + 1]) if "--path-steps" in harness else 1
+    if steps < 2:
+        raise SystemExit(
+            "give --path-steps 2 or more: with one point the score is first order, whatever the span"
+        )
     whole_path = attribution.path_points
     attribution.path_points = lambda steps: [span * t for t in whole_path(steps)]
     keyed = efficacy.effects_key
     efficacy.effects_key = lambda *a, **k: f"{keyed(*a, **k)}-span{span:g}"
     efficacy.PROG = f"python benchmarks/path_span_probe.py --span {span:g}"  # the tables' command line
-    return efficacy.main(argv[2:])
+    return efficacy.main(harness)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two cold mypy runs (run in CI with the other slow tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / "fgsn_daemon" / "service" / "daemon"
 

@@ -85,7 +85,8 @@ def test_the_selection_half_measures_over_refusal_on_its_own_file_when_there_is_
 def test_over_refusal_is_also_reported_per_benign_category(tmp_path: Path) -> None:
     trio = spec(tmp_path, True)
     records = [("eval a", "howto"), ("eval b", "edgy_safe"), ("eval c", "howto"), ("eval d", "howto")]
-    trio.benign_eval.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in records))
+    text = "".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in records)
+    trio.benign_eval.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as editors write
     rep = load_inputs(trio, "report", 64, 4)
     assert rep.eval.benign_categories == ["howto", "edgy_safe", "howto", "howto"]
     # the selection file names no category: nothing is split out

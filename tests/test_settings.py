@@ -282,12 +282,13 @@ def test_engine_and_record_declare_the_same_parameters_with_the_same_defaults() 
         if name == "spaces":
             engine_value = list(engine_value)
         assert engine_value == declared, f"{name}: engine default {engine_value!r} != {declared!r}"
-    run_only = {"batch_size", "max_length"}  # how fast it runs, not what it selects
+    run_only = {"batch_size"}  # how fast it runs, not what it selects
     recorded = set(ApplyParams.model_fields) - {"band_override"}
-    assert recorded == set(FGSNFields.model_fields) - run_only - {"band"}
+    assert recorded == set(engine_fields) - run_only - {"band"}  # engine-only fields included
     changed = FGSNParams(
-        budget=0.25, contrast=0.6, target_tokens=9, path_steps=2, band=(1, 2), spaces=("attn",)
+        budget=0.25, contrast=0.6, target_tokens=9, path_steps=2, band=(1, 2), spaces=("attn",), max_length=64
     )
     record = changed.record()
     assert (record.budget, record.contrast, record.target_tokens, record.path_steps) == (0.25, 0.6, 9, 2)
+    assert record.max_length == 64
     assert record.band_override == (1, 2) and record.spaces == ["attn"]

@@ -119,6 +119,9 @@ class ApplyParams(_Record):
     calibration_max: int | None = None  # None: recorded before the cap existed
     path_steps: int = 1
     target_tokens: int | None = None  # None: recorded before the target length was recorded
+    max_length: int | None = None  # prompts are cut to this many tokens; None: recorded before
+    use_chat_template: bool | None = None  # None (here and below): recorded before
+    guard_prompts: int | None = None
 
 
 class ApplyResult(_Record):

@@ -33,7 +33,7 @@ import torch
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
 from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_prompts
-from fgsn_daemon.core.prompts import load_prompts, spread
+from fgsn_daemon.core.prompts import decode_text, load_prompts, spread
 from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
 from fgsn_daemon.engine.attribution import mean_effects
@@ -81,13 +81,13 @@ def prompt_categories(path: Path, prompts: Sequence[str]) -> list[str]:
     """The ``category`` of each of ``prompts`` in a prompt JSONL file (already validated by
     ``load_prompts``); empty when any prompt has none, so a file without categories adds nothing."""
     found: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in decode_text(path.read_bytes(), str(path)).splitlines():
         if line.strip():
             record = json.loads(line)
             if isinstance(record, dict) and isinstance(record.get("category"), str):
                 found[record["prompt"]] = record["category"]
-    categories = [found.get(p) for p in prompts]
-    return [c for c in categories if c is not None] if all(categories) else []
+    categories = [found.get(p, "") for p in prompts]
+    return categories if all(categories) else []
 
 
 @dataclass(frozen=True)
