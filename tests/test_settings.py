@@ -292,3 +292,15 @@ def test_engine_and_record_declare_the_same_parameters_with_the_same_defaults() 
     assert (record.budget, record.contrast, record.target_tokens, record.path_steps) == (0.25, 0.6, 9, 2)
     assert record.max_length == 64
     assert record.band_override == (1, 2) and record.spaces == ["attn"]
+
+
+def test_the_integrated_preset_fills_the_path_integrated_setting_and_flags_still_win() -> None:
+    from fgsn_daemon.service.daemon import engine_params
+
+    engine = engine_params(load_settings(None, {"params": {"preset": "integrated"}}))
+    assert (engine.path_steps, engine.contrast, engine.hard_rounds, engine.unit) == (3, 0.78, 0, "entry")
+    engine.validate()
+    override = engine_params(load_settings(None, {"params": {"preset": "integrated", "path_steps": 5}}))
+    assert override.path_steps == 5 and override.contrast == 0.78
+    default = engine_params(load_settings(None, {}))
+    assert default.path_steps == 1  # the default preset stays first order
