@@ -43,24 +43,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LoRA trio's selection half among the integrated settings; it repairs the benign-only fine-tune
     # (100 → 34 % ASR on the report half) where the default cannot, but loses on the full fine-tune
     # and the tiny organism, and costs path_steps backward passes per prompt
-    "integrated": {
-        "scoring": "attribution",
-        "operator": "restore",
-        "q": 10.0,
-        "p": 0.0,
-        "spaces": ("mlp", "attn"),
-        "allocation": "global",
-        "budget": 0.5,
-        "unit": "entry",
-        "scope": "all",
-        "guard": None,
-        "contrast": 0.78,
-        "contrast_kind": "refusal",
-        "steps": 1,
-        "hard_rounds": 0,
-        "hard_weight": 0.05,
-        "path_steps": 3,
-    },
     "activation": {
         "scoring": "contrast",
         "operator": "restore",
@@ -96,6 +78,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hard_weight": 0.05,
     },
 }
+# the path-integrated score (README "Path-integrated attribution"): the declared rule's pick on the
+# LoRA trio's selection half among the integrated settings; it repairs the benign-only fine-tune
+# (100 → 34 % ASR on the report half) where the default cannot, but loses on the full fine-tune
+# and the tiny organism, and costs path_steps backward passes per prompt
+PRESETS["integrated"] = {**PRESETS["attribution"], "contrast": 0.78, "hard_rounds": 0, "path_steps": 3}
 DEFAULT_PRESET = "attribution"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,10 +53,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return dict(pairs)
 
 
-def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
-    """Parse JSONL bytes into prompts, raising PromptFileError with the offending line number."""
+def parse_prompt_records(data: bytes, source: str = "<bytes>") -> list[dict[str, object]]:
+    """Parse JSONL bytes into records, each with a valid ``prompt`` (other fields, such as a
+    ``category``, kept as given), raising PromptFileError with the offending line number."""
     text = decode_text(data, source)
-    prompts: list[str] = []
+    records: list[dict[str, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -75,16 +76,32 @@ def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
             raise PromptFileError(f"{source}:{number}: 'prompt' must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptFileError(f"{source}:{number}: prompt longer than {MAX_PROMPT_CHARS} characters")
-        prompts.append(prompt)
-        if len(prompts) > MAX_PROMPTS:
+        records.append(obj)
+        if len(records) > MAX_PROMPTS:
             raise PromptFileError(f"{source}: more than {MAX_PROMPTS} prompts")
-    if not prompts:
+    if not records:
         raise PromptFileError(f"{source}: no prompts (the file is empty)")
-    return prompts
+    return records
+
+
+def prompts_of(records: Sequence[Mapping[str, object]]) -> list[str]:
+    return [str(r["prompt"]) for r in records]
+
+
+def parse_prompt_lines(data: bytes, source: str = "<bytes>") -> list[str]:
+    """Parse JSONL bytes into prompts, raising PromptFileError with the offending line number."""
+    return prompts_of(parse_prompt_records(data, source))
 
 
 def load_prompts(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> list[str]:
     """Load a prompt JSONL file; refuses missing, non-regular, oversized or malformed files."""
+    return prompts_of(load_prompt_records(path, max_bytes))
+
+
+def load_prompt_records(
+    path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES
+) -> list[dict[str, object]]:
+    """``load_prompts`` keeping each line's whole record."""
     p = Path(path)
     if not p.exists():
         raise PromptFileError(f"{p}: file not found")
@@ -93,4 +110,4 @@ def load_prompts(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) 
     size = p.stat().st_size
     if size > max_bytes:
         raise PromptFileError(f"{p}: {size} bytes is over the {max_bytes}-byte limit")
-    return parse_prompt_lines(p.read_bytes(), str(p))
+    return parse_prompt_records(p.read_bytes(), str(p))

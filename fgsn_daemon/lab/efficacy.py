@@ -33,7 +33,7 @@ import torch
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
 from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_prompts
-from fgsn_daemon.core.prompts import decode_text, load_prompts, spread
+from fgsn_daemon.core.prompts import load_prompt_records, load_prompts, prompts_of, spread
 from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
 from fgsn_daemon.engine.attribution import mean_effects
@@ -77,15 +77,10 @@ class EvalSets:
     benign_categories: list[str] = field(default_factory=list)
 
 
-def prompt_categories(path: Path, prompts: Sequence[str]) -> list[str]:
-    """The ``category`` of each of ``prompts`` in a prompt JSONL file (already validated by
-    ``load_prompts``); empty when any prompt has none, so a file without categories adds nothing."""
-    found: dict[str, str] = {}
-    for line in decode_text(path.read_bytes(), str(path)).splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get("category"), str):
-                found[record["prompt"]] = record["category"]
+def prompt_categories(records: Sequence[Mapping[str, object]], prompts: Sequence[str]) -> list[str]:
+    """The ``category`` each of ``prompts`` has in a prompt file's records; empty when any prompt
+    has none, so a file without categories adds nothing."""
+    found = {str(r["prompt"]): c for r in records if isinstance(c := r.get("category"), str) and c}
     categories = [found.get(p, "") for p in prompts]
     return categories if all(categories) else []
 
@@ -106,17 +101,19 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
             held[d.name] = split_half(load_prompts(d / "harmful_eval.jsonl"), split)
     if not held:
         raise ConfigError(f"{spec.policies}: no dimension has both harmful.jsonl and harmful_eval.jsonl")
-    benign_all = load_prompts(spec.benign)
+    benign_records = load_prompt_records(spec.benign)
+    benign_all = prompts_of(benign_records)
     benign_train = spread(benign_all, max_benign_train)
     used = set(benign_train)
     source = spec.benign_eval if split == "report" else spec.benign_selection
     if source is not None:
-        benign_eval = load_prompts(source)
+        eval_records = load_prompt_records(source)
+        benign_eval = prompts_of(eval_records)
     else:
-        source = spec.benign
+        eval_records = benign_records
         benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
-    categories = prompt_categories(Path(source), benign_eval)
+    categories = prompt_categories(eval_records, benign_eval)
     return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility, categories))
 
 
