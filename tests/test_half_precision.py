@@ -327,3 +327,27 @@ def test_daemon_rollback_is_bit_identical_in_bf16(tmp_path, params):
     assert any(not same_bits(after[k], now[k]) for k in now)  # the rollback changed something
     assert after.keys() == expected.keys()
     assert all(same_bits(after[k], expected[k]) for k in after)
+
+
+def test_lora_merge_in_row_blocks_equals_the_whole_tensor_merge(trio, tmp_path, monkeypatch):
+    """The merge runs ``MERGE_ROWS`` rows at a time to bound its float64 scratch; a block size
+    that does not divide the row count must give the same bits as one block holding every row,
+    and ``read_rows`` the same rows as ``read``."""
+    from fgsn_daemon.engine.io import checkpoint
+
+    merged = make_fp32_adapter(trio, tmp_path / "adapter")
+    opened = ModelTrio.open(trio["base"], trio["aligned"], tmp_path / "adapter")
+    try:
+        dtype = load_all(trio["aligned"])["model.embed_tokens.weight"].dtype
+        names = sorted(merged)
+        monkeypatch.setattr(checkpoint, "MERGE_ROWS", 10**9)
+        whole = {n: opened.finetuned.read(n) for n in names}
+        monkeypatch.setattr(checkpoint, "MERGE_ROWS", 7)
+        for n in names:
+            blocked = opened.finetuned.read(n)
+            assert blocked.shape[0] > 7 and same_bits(blocked, whole[n]), n
+            assert same_bits(blocked, reference_round(merged[n], dtype)), n
+            rows = [blocked.shape[0] - 1, 0, 8, 3]
+            assert same_bits(opened.finetuned.read_rows(n, rows), whole[n][rows]), n
+    finally:
+        opened.close()

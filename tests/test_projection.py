@@ -147,3 +147,13 @@ def test_zero_direction_and_empty_selection_are_safe():
 def test_unknown_operator_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown projection operator"):
         parse_operator("magic")
+
+
+def test_restore_needs_no_base_tensor_and_other_operators_ask_for_it():
+    t = random_triple(12, 9, seed=3)
+    without_base = TensorTriple(t.finetuned, t.aligned, None)
+    assert torch.equal(
+        project_tensor("restore", without_base, 0, [1, 7]), project_tensor("restore", t, 0, [1, 7])
+    )
+    with pytest.raises(ValueError, match="needs the base tensor"):
+        project_tensor("safe_lora", without_base, 0, [1])

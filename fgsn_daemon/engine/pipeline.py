@@ -961,7 +961,9 @@ def write_edited_checkpoint(
         def compute() -> torch.Tensor:
             nonlocal changed
             ft = trio.finetuned.read(name)
-            triple = TensorTriple(ft, trio.aligned.read(name), trio.base.read(name))
+            # restore needs no base tensor: one fewer full tensor held at the largest matrices
+            base = None if op.copies_aligned else trio.base.read(name)
+            triple = TensorTriple(ft, trio.aligned.read(name), base)
             new = project_tensor(op, triple, axis, indices, rank=rank, device=device)
             changed += int((new != ft).sum())
             return new

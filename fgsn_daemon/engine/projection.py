@@ -38,7 +38,7 @@ class TensorTriple:
 
     finetuned: torch.Tensor
     aligned: torch.Tensor
-    base: torch.Tensor
+    base: torch.Tensor | None  # not needed (None) when the operator copies the aligned slices
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,8 @@ def project_tensor(
             out2[:, idx] = al2[:, idx].to(dtype)
         return out
 
+    if tensors.base is None:
+        raise ValueError(f"operator {op.name!r} needs the base tensor")
     dev = torch.device(device)
     ft = ft2.to(dev, torch.float64)
     al = al2.to(dev, torch.float64)

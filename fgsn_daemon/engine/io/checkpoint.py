@@ -163,6 +163,9 @@ class LoraModule:
     scale: float
 
 
+MERGE_ROWS = 512  # rows of a LoRA-targeted weight merged at a time
+
+
 class LoraFinetuned:
     """A PEFT LoRA adapter on top of the aligned checkpoint, read as a full fine-tuned model.
 
@@ -240,13 +243,30 @@ class LoraFinetuned:
         w = self.aligned.read(name)
         if name not in self.modules:
             return w
-        return round_to(w.double() + self.delta(name), w.dtype)
+        return self._merged(name, w, None)
 
     def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         w = self.aligned.read_rows(name, rows)
         if name not in self.modules:
             return w
-        return round_to(w.double() + self.delta(name, rows), w.dtype)
+        return self._merged(name, w, rows)
+
+    def _merged(self, name: str, w: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
+        """``w`` (the aligned rows) plus the adapter's delta, merged ``MERGE_ROWS`` rows at a time:
+        the float64 temporaries and the rounding's scratch stay at one block instead of the whole
+        tensor (several GB for an 8B model's largest matrices). Each row is the same float64 sum
+        rounded once, whichever block it falls in."""
+        m = self.modules[name]
+        a = self._file.read(m.a_key).double()
+        b = self._file.read(m.b_key)
+        if rows is not None:
+            b = b[list(rows)]
+        out = torch.empty_like(w)
+        for lo in range(0, w.shape[0], MERGE_ROWS):
+            hi = min(lo + MERGE_ROWS, w.shape[0])
+            delta = m.scale * (b[lo:hi].double() @ a)
+            out[lo:hi] = round_to(w[lo:hi].double() + delta, w.dtype)
+        return out
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         if name in self.modules:
