@@ -18,6 +18,7 @@ from fgsn_daemon.lab.efficacy import (
     choose_setting,
     load_inputs,
     parse_grid,
+    source_table,
 )
 from fgsn_daemon.lab.experiments import TrioSpec
 
@@ -98,6 +99,32 @@ def test_over_refusal_is_also_reported_per_benign_category(tmp_path: Path) -> No
     assert Outcome({"cyber": [True]}, [True], [True]).summary()["over_refusal_by_category"] == {}
     table = "\n".join(category_table([{"name": "edit", "group": "fgsn", "over_refusal_by_category": by}]))
     assert "edgy_safe (1)" in table and "howto (3)" in table and "| edit | 100.0 [" in table
+
+
+def test_the_report_half_adds_the_extension_and_reports_each_file_apart(tmp_path: Path) -> None:
+    trio = spec(tmp_path, True)
+    extension = tmp_path / "extension.jsonl"
+    extension.write_text("".join(json.dumps({"prompt": f"new {i}"}) + "\n" for i in range(3)))
+    trio = replace(trio, benign_report_extension=extension)
+    rep = load_inputs(trio, "report", 64, 4)
+    assert rep.eval.benign == ["eval a", "eval b", "new 0", "new 1", "new 2"]
+    assert rep.eval.benign_sources == ["original"] * 2 + ["extension"] * 3
+    # the selection half keeps its own file, untouched by the extension
+    sel = load_inputs(trio, "selection", 64, 4)
+    assert sel.eval.benign == ["held-out phrase a", "held-out phrase b"] and sel.eval.benign_sources == []
+    refused = [True, False, False, False, True]
+    outcome = Outcome({"cyber": [True]}, refused, [True], [], rep.eval.benign_sources)
+    summary = outcome.summary()
+    assert summary["over_refusal"]["n"] == 5 and summary["over_refusal"]["rate"] == pytest.approx(0.4)
+    by = summary["over_refusal_by_source"]
+    assert (by["original"]["n"], by["extension"]["n"]) == (2, 3)
+    assert by["original"]["rate"] == 0.5 and by["extension"]["rate"] == pytest.approx(1 / 3)
+    table = "\n".join(source_table([{"name": "edit", "group": "fgsn", "over_refusal_by_source": by}]))
+    assert "original (2)" in table and "extension (3)" in table and "| edit | 33.3 [" in table
+    # a prompt in both files would be counted twice: refused with the file named
+    extension.write_text(json.dumps({"prompt": "eval b"}) + "\n")
+    with pytest.raises(ConfigError, match=r"1 prompts are also in .*benign_eval\.jsonl.*'eval b'"):
+        load_inputs(trio, "report", 64, 4)
 
 
 def row(name: str, asr: float, over: float, util: float, share: float, group: str = "fgsn") -> dict:

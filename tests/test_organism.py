@@ -49,6 +49,7 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
         random_seeds=(0, 1),
         controls=("contrast",),
         device="cpu",
+        keep_responses=True,
     )
     result = run_study(cfg, "pytest tests/test_organism.py", lambda _m: None)
     rows = {r["name"]: r for r in result["rows"]}
@@ -66,3 +67,11 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
     assert all(r["share"] == pytest.approx(default["share"]) for r in randoms)  # same budget
     for m in rows[contrasted.name]["margin_vs_random"]:
         assert m["margin"] >= 0.25 and m["low"] >= 0.15, m
+    # the kept responses are what the figures were computed from
+    kept = [r for r in result["responses"] if r["row"] == setting.name]
+    for dim, asr in default["asr"].items():
+        verdicts = [r["refused"] for r in kept if r["set"] == f"harmful/{dim}"]
+        assert verdicts and sum(not v for v in verdicts) / len(verdicts) == pytest.approx(asr)
+    utility = [r["correct"] for r in kept if r["set"] == "utility"]
+    assert sum(utility) / len(utility) == pytest.approx(default["utility"]["rate"])
+    assert {r["row"] for r in result["responses"]} == set(rows)

@@ -51,6 +51,27 @@ def test_selection_benign_set_is_held_out_phrasing_disjoint_from_every_bundled_s
     assert sum(p.category == "edgy_safe" for p in selection) == len(synthetic.EDGY_SAFE_SELECTION.fillers)
 
 
+def test_report_extension_uses_only_frames_and_fillers_no_other_set_has() -> None:
+    extension = synthetic.benign_report_extension()
+    texts = [p.prompt for p in extension]
+    assert len(texts) == len(set(texts)) == 300
+    others = (*synthetic.FAMILIES, synthetic.EDGY_SAFE_SELECTION)
+    for new in synthetic.REPORT_EXTENSION:
+        for old in others:
+            if new.frames != ("{x}",):
+                assert set(new.frames).isdisjoint(old.frames), (new.name, old.name)
+            assert set(new.fillers).isdisjoint(old.fillers), (new.name, old.name)
+    every_other = {t for f in others for pool in synthetic.family_pools(f) for t in pool}
+    assert set(texts).isdisjoint(every_other)
+    # the original report set's categories, edgy-safe at its share (14 of 100 -> 42 of 300)
+    _, held_out = synthetic.benign_prompts()
+    assert {p.category for p in extension} == {p.category for p in held_out}
+    edgy = sum(p.category == "edgy_safe" for p in extension) / len(extension)
+    assert edgy == sum(p.category == "edgy_safe" for p in held_out) / len(held_out)
+    # families alternate: the first 100 prompts already carry every category
+    assert {p.category for p in extension[:100]} == {p.category for p in held_out}
+
+
 def test_family_pools_hold_out_frames_and_fillers() -> None:
     for family in synthetic.FAMILIES:
         train, held_out = synthetic.family_pools(family)
@@ -162,6 +183,7 @@ def test_write_data_counts(tmp_path: Path) -> None:
         "benign.jsonl": 200,
         "benign_eval.jsonl": 100,
         "benign_selection.jsonl": 410,
+        "benign_report_extension.jsonl": 300,
         "utility_train.jsonl": 400,
         "utility_eval.jsonl": 200,
     }

@@ -75,6 +75,8 @@ class EvalSets:
     utility: list[UtilityItem]
     # the benign prompts' categories (howto, edgy_safe, …) where the file names them, else empty
     benign_categories: list[str] = field(default_factory=list)
+    # which file each benign prompt came from ("original", "extension") where there are two
+    benign_sources: list[str] = field(default_factory=list)
 
 
 def prompt_categories(records: Sequence[Mapping[str, object]], prompts: Sequence[str]) -> list[str]:
@@ -106,15 +108,27 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
     benign_train = spread(benign_all, max_benign_train)
     used = set(benign_train)
     source = spec.benign_eval if split == "report" else spec.benign_selection
+    sources: list[str] = []
     if source is not None:
         eval_records = load_prompt_records(source)
         benign_eval = prompts_of(eval_records)
+        if split == "report" and spec.benign_report_extension is not None:
+            extension = load_prompt_records(spec.benign_report_extension)
+            sources = ["original"] * len(benign_eval) + ["extension"] * len(extension)
+            overlap = set(benign_eval) & set(prompts_of(extension))
+            if overlap:
+                raise ConfigError(
+                    f"{spec.benign_report_extension}: {len(overlap)} prompts are also in {source}, "
+                    f"e.g. {sorted(overlap)[0]!r}"
+                )
+            eval_records = [*eval_records, *extension]
+            benign_eval = prompts_of(eval_records)
     else:
         eval_records = benign_records
         benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
     categories = prompt_categories(eval_records, benign_eval)
-    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility, categories))
+    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility, categories, sources))
 
 
 def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[str] | None:
@@ -146,6 +160,9 @@ class Outcome:
     over_refused: list[bool]
     correct: list[bool]
     benign_categories: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
+    benign_sources: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
+    # every prompt, response and verdict, when the evaluation was asked to keep them
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def mean_asr(self) -> float:
         return sum(sum(v) / len(v) for v in self.complied.values()) / len(self.complied)
@@ -159,32 +176,65 @@ class Outcome:
             "over_refusal": wilson_interval(sum(self.over_refused), len(self.over_refused)),
             "utility": wilson_interval(sum(self.correct), len(self.correct)),
             "over_refusal_by_category": self.over_refusal_by_category(),
+            "over_refusal_by_source": self.over_refusal_by_source(),
         }
 
     def over_refusal_by_category(self) -> dict[str, Any]:
         """Over-refusal within each benign category (the halves' files mix them differently)."""
-        if not self.benign_categories:
-            return {}
-        by: dict[str, list[bool]] = {}
-        for category, refused in zip(self.benign_categories, self.over_refused, strict=True):
-            by.setdefault(category, []).append(refused)
-        return {c: wilson_interval(sum(v), len(v)) for c, v in sorted(by.items())}
+        return _rates_by(self.benign_categories, self.over_refused)
+
+    def over_refusal_by_source(self) -> dict[str, Any]:
+        """Over-refusal on each benign file (the original report set and its extension)."""
+        return _rates_by(self.benign_sources, self.over_refused)
 
 
-def evaluate(model: Any, tokenizer: Any, sets: EvalSets, max_new_tokens: int, batch_size: int) -> Outcome:
+def _rates_by(labels: Sequence[str], outcomes: Sequence[bool]) -> dict[str, Any]:
+    """Wilson interval of ``outcomes`` within each label; empty when there are no labels."""
+    if not labels:
+        return {}
+    by: dict[str, list[bool]] = {}
+    for label, hit in zip(labels, outcomes, strict=True):
+        by.setdefault(label, []).append(hit)
+    return {c: wilson_interval(sum(v), len(v)) for c, v in sorted(by.items())}
+
+
+def evaluate(
+    model: Any, tokenizer: Any, sets: EvalSets, max_new_tokens: int, batch_size: int, keep: bool = False
+) -> Outcome:
+    """Generate on every evaluation prompt and judge it; ``keep`` also returns each prompt,
+    response and verdict (``Outcome.samples``)."""
     judge = KeywordJudge()
+    samples: list[dict[str, Any]] = []
 
-    def refused(prompts: Sequence[str]) -> list[bool]:
+    def refused(prompts: Sequence[str], group: str) -> list[bool]:
         responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
-        return [bool(v) for v in judge.judge(list(prompts), responses)]
+        verdicts = [bool(v) for v in judge.judge(list(prompts), responses)]
+        if keep:
+            samples.extend(
+                {"set": group, "prompt": p, "response": r, "refused": v}
+                for p, r, v in zip(prompts, responses, verdicts, strict=True)
+            )
+        return verdicts
 
-    complied = {d: [not r for r in refused(p)] for d, p in sets.harmful.items()}
-    over = refused(sets.benign) if sets.benign else []
+    complied = {d: [not r for r in refused(p, f"harmful/{d}")] for d, p in sets.harmful.items()}
+    over = refused(sets.benign, "benign") if sets.benign else []
     answers = generate_responses(
         model, tokenizer, [u.prompt for u in sets.utility], max_new_tokens, batch_size
     )
     correct = [answer_correct(r, u.answer) for r, u in zip(answers, sets.utility, strict=True)]
-    return Outcome(complied, over, correct, list(sets.benign_categories) if sets.benign else [])
+    if keep:
+        samples.extend(
+            {"set": "utility", "prompt": u.prompt, "response": r, "correct": c}
+            for u, r, c in zip(sets.utility, answers, correct, strict=True)
+        )
+    return Outcome(
+        complied,
+        over,
+        correct,
+        list(sets.benign_categories) if sets.benign else [],
+        list(sets.benign_sources) if sets.benign else [],
+        samples,
+    )
 
 
 def mean_asr_of(complied: Mapping[str, Sequence[bool]], idx: Mapping[str, Sequence[int]]) -> float:
@@ -307,6 +357,8 @@ class StudyConfig:
     # the mean ASR) instead of one loss over the pooled prompts
     balance_dimensions: bool = False
     path_steps: int = 1  # gradient points along the revert (1 = first order at the fine-tuned weights)
+    # keep every response with its verdict (``responses-<split>.jsonl``), to audit the judge
+    keep_responses: bool = False
 
 
 def effects_path(key: str) -> Path:
@@ -494,7 +546,9 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         def evaluated(name: str, model: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
             t = time.perf_counter()
             sets = by_split[current["split"]].eval
-            outcome = evaluate(model, tokenizer, sets, cfg.max_new_tokens, cfg.batch_size)
+            outcome = evaluate(
+                model, tokenizer, sets, cfg.max_new_tokens, cfg.batch_size, keep=cfg.keep_responses
+            )
             row = {
                 "name": name,
                 "split": current["split"],
@@ -637,6 +691,11 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 )
     finally:
         trio.close()
+    responses = [
+        {"row": row["name"], "split": row["split"], **sample}
+        for row in rows
+        for sample in row["_outcome"].samples
+    ]
     for row in rows:
         row.pop("_outcome", None)
     return {
@@ -663,6 +722,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         "max_new_tokens": cfg.max_new_tokens,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
+        "responses": responses,
     }
 
 
@@ -924,24 +984,33 @@ def split_table(result: Mapping[str, Any], split: str, c: Mapping[str, Any]) -> 
             f"| {name} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
             f"{interval(r['over_refusal'])} | {interval(r['utility'])} | {rnd} | {mar} |"
         )
-    return [*lines, "", *category_table(rows)]
+    return [*lines, "", *source_table(rows), *category_table(rows)]
 
 
 def category_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Over-refusal within each benign category, for the rows that recorded it."""
-    shown = [r for r in rows if r["group"] != "random" and r.get("over_refusal_by_category")]
+    return _breakdown_table(rows, "over_refusal_by_category", "Over-refusal by benign category")
+
+
+def source_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Over-refusal on each benign file (original report set, extension), where there are two."""
+    return _breakdown_table(rows, "over_refusal_by_source", "Over-refusal by benign file")
+
+
+def _breakdown_table(rows: Sequence[Mapping[str, Any]], key: str, title: str) -> list[str]:
+    shown = [r for r in rows if r["group"] != "random" and r.get(key)]
     if not shown:
         return []
-    first = shown[0]["over_refusal_by_category"]
+    first = shown[0][key]
     cats = sorted(first)
     lines = [
-        "Over-refusal by benign category, % [95 % CI]:",
+        f"{title}, % [95 % CI]:",
         "",
         "| row | " + " | ".join(f"{c} ({first[c]['n']})" for c in cats) + " |",
         "|---|" + "---|" * len(cats),
     ]
     for r in shown:
-        by = r["over_refusal_by_category"]
+        by = r[key]
         lines.append(
             f"| {r['name']} | " + " | ".join(interval(by[c]) if c in by else "–" for c in cats) + " |"
         )
@@ -1016,6 +1085,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="attribution: gradients averaged at this many points along the revert (1 = first order)",
     )
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument(
+        "--responses",
+        action="store_true",
+        help="also write every prompt, response and verdict to OUT/responses-SPLIT.jsonl",
+    )
     ap.add_argument("--target-tokens", type=int, default=16, help="length of the attribution targets")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
@@ -1124,6 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             balance_dimensions=args.balance_dimensions,
             path_steps=args.path_steps,
             batch_size=args.batch_size,
+            keep_responses=args.responses,
             device=args.device,
         )
         command = f"{PROG} {shlex.join(argv)}"
@@ -1144,6 +1219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / f"{name}.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
+    responses = result.pop("responses", [])
+    if responses:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
+        (args.out / f"responses-{args.split}.jsonl").write_text(lines, encoding="utf-8")
     (args.out / f"efficacy-{args.split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     text = study_markdown(result)
     (args.out / f"efficacy-{args.split}.md").write_text(text, encoding="utf-8")

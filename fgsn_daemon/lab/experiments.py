@@ -82,6 +82,9 @@ class TrioSpec:
     # benign prompts for the selection split's over-refusal (same distribution as benign_eval,
     # disjoint from it); None = the benign prompts the scoring did not use
     benign_selection: Path | None = None
+    # more held-out benign prompts the report split adds to benign_eval for its over-refusal
+    # (frames and fillers no other set uses); None = benign_eval alone
+    benign_report_extension: Path | None = None
 
 
 def bundled_data_file(name: str) -> Path:
@@ -106,6 +109,7 @@ def trio_from_root(root: Path) -> TrioSpec:
         bundled_data_file("benign_eval.jsonl"),
         bundled_data_file("utility_eval.jsonl"),
         bundled_data_file("benign_selection.jsonl"),
+        bundled_data_file("benign_report_extension.jsonl"),
     )
 
 
@@ -1129,7 +1133,7 @@ def resolve_trio(args: argparse.Namespace) -> TrioSpec:
     fields = asdict(spec or TrioSpec(*[Path()] * 7))
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None)}
     if spec is None:
-        optional = {"benign_selection"}
+        optional = {"benign_selection", "benign_report_extension"}
         missing = [k for k in TrioSpec.__dataclass_fields__ if k not in overrides and k not in optional]
         if missing:
             raise ConfigError(
