@@ -273,7 +273,9 @@ def main() -> None:
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(lora_state, ignore_errors=True)
     lines = [
-        "Command: `python benchmarks/scale.py --shapes " + " ".join(args.shapes) + " --work <folder>`",
+        "Command: `python benchmarks/scale.py "
+        + " ".join(["--shapes", *args.shapes, "--scoring-shapes", *args.scoring_shapes])
+        + " --work <folder>`",
         "",
         f"CPU machine: {os.cpu_count()} cores, {args.ram_gb:.0f} GB RAM; python + torch + fgsn import alone: "
         f"{baseline:.0f} MiB peak RSS (subtracted below).",

@@ -17,8 +17,10 @@ from fgsn_daemon.lab.efficacy import (
     category_table,
     choose_setting,
     load_inputs,
+    main,
     parse_grid,
     source_table,
+    write_study,
 )
 from fgsn_daemon.lab.experiments import TrioSpec
 
@@ -123,8 +125,35 @@ def test_the_report_half_adds_the_extension_and_reports_each_file_apart(tmp_path
     assert "original (2)" in table and "extension (3)" in table and "| edit | 33.3 [" in table
     # a prompt in both files would be counted twice: refused with the file named
     extension.write_text(json.dumps({"prompt": "eval b"}) + "\n")
-    with pytest.raises(ConfigError, match=r"1 prompts are also in .*benign_eval\.jsonl.*'eval b'"):
+    with pytest.raises(ConfigError, match=r"1 of its prompts are also in .*benign_eval\.jsonl.*'eval b'"):
         load_inputs(trio, "report", 64, 4)
+
+
+def test_kept_responses_go_to_their_own_file_not_into_the_json(tmp_path: Path) -> None:
+    result = {
+        "command": "c",
+        "split": "report",
+        "prompt_counts": {},
+        "seconds": 1.0,
+        "rows": [],
+        "responses": [{"row": "aligned", "split": "report", "set": "benign", "prompt": "p", "response": "r"}],
+    }
+    write_study(tmp_path, "report", result)
+    lines = (tmp_path / "responses-report.jsonl").read_text().splitlines()
+    assert [json.loads(x)["response"] for x in lines] == ["r"]
+    assert "responses" not in json.loads((tmp_path / "efficacy-report.json").read_text())
+    assert (tmp_path / "efficacy-report.md").read_text().startswith("Command: `c`")
+    (tmp_path / "none").mkdir()
+    write_study(tmp_path / "none", "report", {**result, "responses": []})  # none kept: no file
+    written = sorted(f.name for f in (tmp_path / "none").iterdir())
+    assert written == ["efficacy-report.json", "efficacy-report.md"]
+
+
+def test_continual_runs_refuse_responses_with_a_clear_error(tmp_path: Path, capsys) -> None:
+    argv = ["--trio-root", str(tmp_path), "--out", str(tmp_path / "o"), "--continual", "--responses"]
+    assert main([*argv, "--grid", "entry:0.5:all:0"]) == 2
+    assert "--responses is not kept by --continual runs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def row(name: str, asr: float, over: float, util: float, share: float, group: str = "fgsn") -> dict:

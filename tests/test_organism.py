@@ -72,6 +72,8 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
     for dim, asr in default["asr"].items():
         verdicts = [r["refused"] for r in kept if r["set"] == f"harmful/{dim}"]
         assert verdicts and sum(not v for v in verdicts) / len(verdicts) == pytest.approx(asr)
+    benign = [r["refused"] for r in kept if r["set"] == "benign"]
+    assert benign and sum(benign) / len(benign) == pytest.approx(default["over_refusal"]["rate"])
     utility = [r["correct"] for r in kept if r["set"] == "utility"]
     assert sum(utility) / len(utility) == pytest.approx(default["utility"]["rate"])
     assert {r["row"] for r in result["responses"]} == set(rows)

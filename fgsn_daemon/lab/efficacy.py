@@ -118,7 +118,7 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
             overlap = set(benign_eval) & set(prompts_of(extension))
             if overlap:
                 raise ConfigError(
-                    f"{spec.benign_report_extension}: {len(overlap)} prompts are also in {source}, "
+                    f"{spec.benign_report_extension}: {len(overlap)} of its prompts are also in {source}, "
                     f"e.g. {sorted(overlap)[0]!r}"
                 )
             eval_records = [*eval_records, *extension]
@@ -1038,6 +1038,20 @@ def frontier_plot(result: Mapping[str, Any], out: Path, split: str | None = None
     return tradeoff_plot(points, out, title)
 
 
+def write_study(out: Path, split: str, result: dict[str, Any]) -> str:
+    """Write ``efficacy-SPLIT.json`` and ``.md`` and, when responses were kept, every prompt,
+    response and verdict to ``responses-SPLIT.jsonl`` (not into the JSON: it would be most of it).
+    Returns the markdown."""
+    responses = result.pop("responses", [])
+    if responses:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
+        (out / f"responses-{split}.jsonl").write_text(lines, encoding="utf-8")
+    (out / f"efficacy-{split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    text = study_markdown(result)
+    (out / f"efficacy-{split}.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def parse_list(text: str, kind: type = str) -> list[Any]:
     return [kind(x) for x in text.split(",") if x]
 
@@ -1169,6 +1183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.continual and args.responses:
+            raise ConfigError("--responses is not kept by --continual runs; run the rows without --continual")
         settings = settings_from_args(args)
         for st in settings:
             if st.unit not in ("entry", "neuron", "neuron-per-layer") or st.scope not in ("all", "band"):
@@ -1219,13 +1235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / f"{name}.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
-    responses = result.pop("responses", [])
-    if responses:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
-        (args.out / f"responses-{args.split}.jsonl").write_text(lines, encoding="utf-8")
-    (args.out / f"efficacy-{args.split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    text = study_markdown(result)
-    (args.out / f"efficacy-{args.split}.md").write_text(text, encoding="utf-8")
+    text = write_study(args.out, args.split, result)
     frontier_plot(
         result, args.out / f"frontier-{args.split}.png", split="report" if args.split == "both" else None
     )

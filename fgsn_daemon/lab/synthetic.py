@@ -558,8 +558,9 @@ def benign_selection(seed: int = SEED) -> list[BenignPrompt]:
 
 
 def benign_report_extension() -> list[BenignPrompt]:
-    """Every prompt of ``REPORT_EXTENSION`` (300), in a fixed order that alternates families so that
-    any prefix keeps their mix; the report half measures over-refusal on ``benign_eval`` plus these."""
+    """Every prompt of ``REPORT_EXTENSION`` (300) in a fixed order that takes one prompt of each
+    family in turn (so every category appears early; the edgy-safe prompts run out after 42 rounds);
+    the report half measures over-refusal on ``benign_eval`` plus these."""
     per_family = [[BenignPrompt(t, f.name) for t in family_pools(f)[1]] for f in REPORT_EXTENSION]
     out: list[BenignPrompt] = []
     for k in range(max(len(ps) for ps in per_family)):

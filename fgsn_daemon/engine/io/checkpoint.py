@@ -232,41 +232,41 @@ class LoraFinetuned:
     def info(self, name: str) -> TensorInfo:
         return self.aligned.info(name)
 
-    def delta(self, name: str, rows: Sequence[int] | None = None) -> torch.Tensor:
-        m = self.modules[name]
-        b = self._file.read(m.b_key).double()
-        if rows is not None:
-            b = b[list(rows)]
-        return m.scale * (b @ self._file.read(m.a_key).double())
-
     def read(self, name: str) -> torch.Tensor:
         w = self.aligned.read(name)
         if name not in self.modules:
             return w
-        return self._merged(name, w, None)
-
-    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
-        w = self.aligned.read_rows(name, rows)
-        if name not in self.modules:
-            return w
-        return self._merged(name, w, rows)
-
-    def _merged(self, name: str, w: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
-        """``w`` (the aligned rows) plus the adapter's delta, merged ``MERGE_ROWS`` rows at a time:
-        the float64 temporaries and the rounding's scratch stay at one block instead of the whole
-        tensor (several GB for an 8B model's largest matrices). Each row is the same float64 sum
-        rounded once, whichever block it falls in."""
-        m = self.modules[name]
-        a = self._file.read(m.a_key).double()
-        b = self._file.read(m.b_key)
-        if rows is not None:
-            b = b[list(rows)]
         out = torch.empty_like(w)
         for lo in range(0, w.shape[0], MERGE_ROWS):
             hi = min(lo + MERGE_ROWS, w.shape[0])
-            delta = m.scale * (b[lo:hi].double() @ a)
-            out[lo:hi] = round_to(w[lo:hi].double() + delta, w.dtype)
+            out[lo:hi] = self._merged_block(name, w[lo:hi], lo)
         return out
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        rows = list(rows)
+        if name not in self.modules or not rows:
+            return self.aligned.read_rows(name, rows)
+        n = self.info(name).shape[0]
+        if not all(0 <= r < n for r in rows):
+            raise IndexError(f"{name}: row outside 0..{n - 1} in {rows}")
+        blocks: dict[int, torch.Tensor] = {}
+        for block in sorted({r // MERGE_ROWS for r in rows}):
+            lo, hi = block * MERGE_ROWS, min((block + 1) * MERGE_ROWS, n)
+            w = self.aligned.read_rows(name, range(lo, hi))
+            blocks[block] = self._merged_block(name, w, lo)
+        return torch.stack([blocks[r // MERGE_ROWS][r % MERGE_ROWS] for r in rows])
+
+    def _merged_block(self, name: str, w: torch.Tensor, lo: int) -> torch.Tensor:
+        """Rows ``lo ..`` of the merge: the aligned rows ``w`` plus ``scale·B[rows]·A`` in float64,
+        rounded once. Rows are merged in fixed blocks of ``MERGE_ROWS`` (block k always covers rows
+        k·MERGE_ROWS onwards), which keeps the float64 temporaries and the rounding's scratch at
+        one block instead of the whole tensor (several GB for an 8B model's largest matrices) and
+        makes every block the same matmul of the same shape however it is read, so ``read`` and
+        ``read_rows`` agree bit for bit (as ``projection`` does for its neuron blocks)."""
+        m = self.modules[name]
+        b = self._file.read(m.b_key)[lo : lo + w.shape[0]].double()
+        delta = m.scale * (b @ self._file.read(m.a_key).double())
+        return round_to(w.double() + delta, w.dtype)
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         if name in self.modules:
