@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fgsn_daemon.core.errors import ConfigError
 from fgsn_daemon.core.records import NeuronId
-from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
+from fgsn_daemon.core.stats import cluster_bootstrap_interval, paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.delta_selection import neurons_of_entries, select_entries, select_global
 from fgsn_daemon.engine.scorings import NeuronScores
 
@@ -168,3 +168,21 @@ def test_entries_over_many_tensors_with_ties_match_a_sorted_reference(groups, bu
     ref = sorted(allowed, key=lambda j: (-flat[j][2], j))[:budget]
     chosen = [j for j, (n, i, _) in enumerate(flat) if bool(masks[n][i])]
     assert sorted(chosen) == sorted(ref)
+
+
+def test_cluster_bootstrap_widens_when_failures_come_in_clusters():
+    # 400 outcomes, 12 hits: scattered over 400 singleton clusters, or all in one of 20 frames
+    hits = [i % 33 == 0 for i in range(400)][:400]
+    assert sum(hits) == 13
+    singletons = cluster_bootstrap_interval(hits, [str(i) for i in range(400)])
+    wilson = wilson_interval(13, 400)
+    assert singletons["rate"] == wilson["rate"] and singletons["clusters"] == 400
+    # singleton clusters: the ordinary bootstrap, close to Wilson
+    assert abs(singletons["low"] - wilson["low"]) < 0.01 and abs(singletons["high"] - wilson["high"]) < 0.01
+    clustered = [i < 13 for i in range(400)]
+    frames = [str(i // 20) for i in range(400)]  # the 13 hits share the first frame
+    wide = cluster_bootstrap_interval(clustered, frames)
+    assert wide["clusters"] == 20 and wide["rate"] == pytest.approx(13 / 400)
+    assert wide["low"] == 0.0 and wide["high"] > wilson["high"] + 0.03
+    with pytest.raises(ValueError, match="cluster labels"):
+        cluster_bootstrap_interval([True], [])

@@ -187,3 +187,18 @@ def test_write_data_counts(tmp_path: Path) -> None:
         "utility_train.jsonl": 400,
         "utility_eval.jsonl": 200,
     }
+
+
+def test_every_bundled_benign_prompt_has_the_frame_it_was_built_from() -> None:
+    files = ("benign.jsonl", "benign_eval.jsonl", "benign_selection.jsonl", "benign_report_extension.jsonl")
+    for name in files:
+        for line in (DATA / name).read_text().splitlines():
+            prompt = json.loads(line)["prompt"]
+            frame = synthetic.frame_of(prompt)
+            if frame == prompt:  # edgy-safe prompts are their own frame
+                continue
+            head, _, tail = frame.partition("{x}")
+            assert prompt.startswith(head) and prompt.endswith(tail) and "{x}" in frame
+    assert synthetic.frame_of("Write a short quiz about inflation.") == "Write a short quiz about {x}."
+    with pytest.raises(KeyError, match="not a bundled benign prompt"):
+        synthetic.frame_of("Write a short quiz about nothing in particular.")

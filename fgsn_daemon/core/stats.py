@@ -40,3 +40,30 @@ def paired_bootstrap_diff(
     lo = values[math.floor(tail * (draws - 1))]
     hi = values[math.ceil((1 - tail) * (draws - 1))]
     return lo, hi
+
+
+def cluster_bootstrap_interval(
+    hits: list[bool], clusters: list[str], seed: int = 0, draws: int = 2000, level: float = 0.95
+) -> dict[str, float]:
+    """A rate with a percentile interval that resamples whole clusters (e.g. prompts built from the
+    same question frame) with replacement: prompts of one cluster fail together, so an interval
+    that treats them as independent (Wilson) is too narrow. Singleton clusters give the ordinary
+    bootstrap."""
+    if len(hits) != len(clusters):
+        raise ValueError(f"{len(hits)} outcomes but {len(clusters)} cluster labels")
+    if not hits:
+        return {"rate": 0.0, "low": 0.0, "high": 1.0, "n": 0, "clusters": 0}
+    by: dict[str, list[bool]] = {}
+    for cluster, hit in zip(clusters, hits, strict=True):
+        by.setdefault(cluster, []).append(hit)
+    groups = [(sum(v), len(v)) for _, v in sorted(by.items())]
+    rng = random.Random(seed)
+    rates = []
+    for _ in range(draws):
+        drawn = [groups[rng.randrange(len(groups))] for _ in groups]
+        rates.append(sum(h for h, _ in drawn) / sum(n for _, n in drawn))
+    rates.sort()
+    tail = (1 - level) / 2
+    low = rates[math.floor(tail * (draws - 1))]
+    high = rates[math.ceil((1 - tail) * (draws - 1))]
+    return {"rate": sum(hits) / len(hits), "low": low, "high": high, "n": len(hits), "clusters": len(groups)}

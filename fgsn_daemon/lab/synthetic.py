@@ -513,6 +513,21 @@ def family_pools(family: Family) -> tuple[list[str], list[str]]:
     return train, held_out
 
 
+def frame_of(prompt: str) -> str:
+    """The question frame a bundled benign prompt was built from (``"Write a short quiz about
+    {x}."``), or the prompt itself for the edgy-safe ones (each is its own frame): the unit within
+    which prompts tend to be refused together. Unknown prompts raise ``KeyError``."""
+    for family in (*FAMILIES, EDGY_SAFE_SELECTION, *REPORT_EXTENSION):
+        for frame in family.frames:
+            head, _, tail = frame.partition("{x}")
+            if frame == "{x}" and prompt in family.fillers:
+                return prompt
+            fits = frame != "{x}" and prompt.startswith(head) and prompt.endswith(tail)
+            if fits and prompt[len(head) : len(prompt) - len(tail)] in family.fillers:
+                return frame
+    raise KeyError(f"not a bundled benign prompt: {prompt!r}")
+
+
 def _share(total: int, weights: Sequence[int]) -> list[int]:
     """Split ``total`` proportionally to ``weights`` (largest remainder), exactly summing to total."""
     raw = [total * w / sum(weights) for w in weights]
