@@ -34,7 +34,7 @@ from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
 from fgsn_daemon.core.policy import list_dimension_dirs, reference_harmful_prompts
 from fgsn_daemon.core.prompts import load_prompt_records, load_prompts, prompts_of, spread
-from fgsn_daemon.core.stats import paired_bootstrap_diff, wilson_interval
+from fgsn_daemon.core.stats import cluster_bootstrap_interval, paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
 from fgsn_daemon.engine.attribution import mean_effects
 from fgsn_daemon.engine.delta_selection import select_entries
@@ -51,6 +51,7 @@ from fgsn_daemon.engine.pipeline import (
 )
 from fgsn_daemon.engine.refusal import KeywordJudge
 from fgsn_daemon.lab.experiments import TrioSpec, root_spec, trio_manifest
+from fgsn_daemon.lab.synthetic import frame_of
 
 LOG = logging.getLogger("fgsn.efficacy")
 PROG = "python -m fgsn_daemon.lab.efficacy"
@@ -77,6 +78,17 @@ class EvalSets:
     benign_categories: list[str] = field(default_factory=list)
     # which file each benign prompt came from ("original", "extension") where there are two
     benign_sources: list[str] = field(default_factory=list)
+    # the question frame each benign prompt was built from, where all are bundled prompts
+    benign_frames: list[str] = field(default_factory=list)
+
+
+def prompt_frames(prompts: Sequence[str]) -> list[str]:
+    """Each prompt's question frame (``lab.synthetic.frame_of``), or empty when any prompt is not
+    one of the bundled benign prompts (a user's own file): refusals cluster by frame."""
+    try:
+        return [frame_of(p) for p in prompts]
+    except KeyError:
+        return []
 
 
 def prompt_categories(records: Sequence[Mapping[str, object]], prompts: Sequence[str]) -> list[str]:
@@ -128,7 +140,9 @@ def load_inputs(spec: TrioSpec, split: str, max_train: int, max_benign_train: in
         benign_eval = [p for p in benign_all if p not in used][:MAX_SELECTION_BENIGN]
     utility = split_half(load_utility(spec.utility_eval), split)
     categories = prompt_categories(eval_records, benign_eval)
-    return StudyInputs(train, benign_train, EvalSets(held, benign_eval, utility, categories, sources))
+    frames = prompt_frames(benign_eval)
+    sets = EvalSets(held, benign_eval, utility, categories, sources, frames)
+    return StudyInputs(train, benign_train, sets)
 
 
 def calibration_prompts(spec: TrioSpec, override: Path | None = None) -> list[str] | None:
@@ -161,6 +175,7 @@ class Outcome:
     correct: list[bool]
     benign_categories: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
     benign_sources: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
+    benign_frames: list[str] = field(default_factory=list)  # parallel to over_refused, or empty
     # every prompt, response and verdict, when the evaluation was asked to keep them
     samples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -177,7 +192,15 @@ class Outcome:
             "utility": wilson_interval(sum(self.correct), len(self.correct)),
             "over_refusal_by_category": self.over_refusal_by_category(),
             "over_refusal_by_source": self.over_refusal_by_source(),
+            "over_refusal_frame_clustered": self.over_refusal_frame_clustered(),
         }
+
+    def over_refusal_frame_clustered(self) -> dict[str, Any]:
+        """Over-refusal with a bootstrap interval over whole question frames (prompts of one frame
+        are refused together, so Wilson is too narrow); empty without frames."""
+        if not self.benign_frames:
+            return {}
+        return {"all": cluster_bootstrap_interval(self.over_refused, self.benign_frames)}
 
     def over_refusal_by_category(self) -> dict[str, Any]:
         """Over-refusal within each benign category (the halves' files mix them differently)."""
@@ -233,6 +256,7 @@ def evaluate(
         correct,
         list(sets.benign_categories) if sets.benign else [],
         list(sets.benign_sources) if sets.benign else [],
+        list(sets.benign_frames) if sets.benign else [],
         samples,
     )
 
@@ -984,7 +1008,10 @@ def split_table(result: Mapping[str, Any], split: str, c: Mapping[str, Any]) -> 
             f"| {name} | {pct(r['share'], 3)} | {pct(r['mean_asr'])} | {interval(r['pooled_asr'])} | "
             f"{interval(r['over_refusal'])} | {interval(r['utility'])} | {rnd} | {mar} |"
         )
-    return [*lines, "", *source_table(rows), *category_table(rows)]
+    clustered = _breakdown_table(
+        rows, "over_refusal_frame_clustered", "Over-refusal, interval resampling whole question frames"
+    )
+    return [*lines, "", *clustered, *source_table(rows), *category_table(rows)]
 
 
 def category_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
