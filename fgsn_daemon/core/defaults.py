@@ -39,10 +39,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hard_rounds": 1,
         "hard_weight": 0.05,
     },
-    # the path-integrated score (README "Path-integrated attribution"): the declared rule's pick on the
-    # LoRA trio's selection half among the integrated settings; it repairs the benign-only fine-tune
-    # (100 → 34 % ASR on the report half) where the default cannot, but loses on the full fine-tune
-    # and the tiny organism, and costs path_steps backward passes per prompt
     "activation": {
         "scoring": "contrast",
         "operator": "restore",

@@ -35,11 +35,14 @@ def paired_bootstrap_diff(
     for _ in range(draws):
         idx = {k: [rng.randrange(n) for _ in range(n)] for k, n in sizes.items()}
         values.append(statistic(idx))
-    values.sort()
+    return _percentiles(values, level)
+
+
+def _percentiles(values: list[float], level: float) -> tuple[float, float]:
+    """The two-sided percentile interval of bootstrap ``values`` at ``level``."""
+    values = sorted(values)
     tail = (1 - level) / 2
-    lo = values[math.floor(tail * (draws - 1))]
-    hi = values[math.ceil((1 - tail) * (draws - 1))]
-    return lo, hi
+    return values[math.floor(tail * (len(values) - 1))], values[math.ceil((1 - tail) * (len(values) - 1))]
 
 
 def cluster_bootstrap_interval(
@@ -62,8 +65,5 @@ def cluster_bootstrap_interval(
     for _ in range(draws):
         drawn = [groups[rng.randrange(len(groups))] for _ in groups]
         rates.append(sum(h for h, _ in drawn) / sum(n for _, n in drawn))
-    rates.sort()
-    tail = (1 - level) / 2
-    low = rates[math.floor(tail * (draws - 1))]
-    high = rates[math.ceil((1 - tail) * (draws - 1))]
+    low, high = _percentiles(rates, level)
     return {"rate": sum(hits) / len(hits), "low": low, "high": high, "n": len(hits), "clusters": len(groups)}

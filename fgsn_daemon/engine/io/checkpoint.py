@@ -236,10 +236,11 @@ class LoraFinetuned:
         w = self.aligned.read(name)
         if name not in self.modules:
             return w
+        factors = self._factors(name)
         out = torch.empty_like(w)
         for lo in range(0, w.shape[0], MERGE_ROWS):
             hi = min(lo + MERGE_ROWS, w.shape[0])
-            out[lo:hi] = self._merged_block(name, w[lo:hi], lo)
+            out[lo:hi] = self._merged_block(factors, w[lo:hi], lo)
         return out
 
     def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
@@ -249,23 +250,31 @@ class LoraFinetuned:
         n = self.info(name).shape[0]
         if not all(0 <= r < n for r in rows):
             raise IndexError(f"{name}: row outside 0..{n - 1} in {rows}")
+        factors = self._factors(name)
         blocks: dict[int, torch.Tensor] = {}
         for block in sorted({r // MERGE_ROWS for r in rows}):
             lo, hi = block * MERGE_ROWS, min((block + 1) * MERGE_ROWS, n)
             w = self.aligned.read_rows(name, range(lo, hi))
-            blocks[block] = self._merged_block(name, w, lo)
+            blocks[block] = self._merged_block(factors, w, lo)
         return torch.stack([blocks[r // MERGE_ROWS][r % MERGE_ROWS] for r in rows])
 
-    def _merged_block(self, name: str, w: torch.Tensor, lo: int) -> torch.Tensor:
+    def _factors(self, name: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The module's scale, ``A`` in float64 and ``B`` as stored: read once per tensor."""
+        m = self.modules[name]
+        return m.scale, self._file.read(m.a_key).double(), self._file.read(m.b_key)
+
+    @staticmethod
+    def _merged_block(
+        factors: tuple[float, torch.Tensor, torch.Tensor], w: torch.Tensor, lo: int
+    ) -> torch.Tensor:
         """Rows ``lo ..`` of the merge: the aligned rows ``w`` plus ``scale·B[rows]·A`` in float64,
         rounded once. Rows are merged in fixed blocks of ``MERGE_ROWS`` (block k always covers rows
         k·MERGE_ROWS onwards), which keeps the float64 temporaries and the rounding's scratch at
         one block instead of the whole tensor (several GB for an 8B model's largest matrices) and
         makes every block the same matmul of the same shape however it is read, so ``read`` and
         ``read_rows`` agree bit for bit (as ``projection`` does for its neuron blocks)."""
-        m = self.modules[name]
-        b = self._file.read(m.b_key)[lo : lo + w.shape[0]].double()
-        delta = m.scale * (b @ self._file.read(m.a_key).double())
+        scale, a, b = factors
+        delta = scale * (b[lo : lo + w.shape[0]].double() @ a)
         return round_to(w.double() + delta, w.dtype)
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
