@@ -186,3 +186,58 @@ def test_cluster_bootstrap_widens_when_failures_come_in_clusters():
     assert wide["low"] == 0.0 and wide["high"] > wilson["high"] + 0.03
     with pytest.raises(ValueError, match="cluster labels"):
         cluster_bootstrap_interval([True], [])
+
+
+def union_reference(gains: list[list[float]], penalty: list[float], budget: int, contrast: float) -> set[int]:
+    """Dense reference: the largest t whose union of per-dimension top-t fits the budget."""
+    best: set[int] = set()
+    for t in range(budget + 1):
+        chosen: set[int] = set()
+        for g in gains:
+            # float32 scores, as the implementation computes them
+            s32 = (torch.tensor(g) - contrast * torch.tensor(penalty)).tolist()
+            scored = [(s32[i], i) for i, gi in enumerate(g) if gi > 0]
+            scored = [(s, i) for s, i in scored if s > 0]
+            scored.sort(key=lambda x: -x[0])
+            chosen |= {i for _, i in scored[:t]}
+        if len(chosen) > budget:
+            break
+        best = chosen
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-1, 1, allow_nan=False).map(lambda x: round(x, 3)), min_size=12, max_size=12),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(st.floats(0, 1, allow_nan=False).map(lambda x: round(x, 3)), min_size=12, max_size=12),
+    st.integers(0, 12),
+    st.sampled_from([0.0, 0.5]),
+)
+def test_union_of_dimensions_matches_a_dense_reference(gains, penalty, budget, contrast):
+    from fgsn_daemon.engine.delta_selection import select_entries_union
+
+    # distinct scores per dimension, so "top t" has one answer
+    gains = [[g + 1e-6 * i for i, g in enumerate(row)] for row in gains]
+    as_tensors = [{"w": torch.tensor(row, dtype=torch.float32).reshape(3, 4)} for row in gains]
+    cost = {"w": torch.zeros(3, 4)}
+    pen = {"w": torch.tensor(penalty, dtype=torch.float32).reshape(3, 4)}
+    masks = select_entries_union(as_tensors, cost, budget, 0.0, pen, contrast)
+    got = set(torch.nonzero(masks["w"].flatten()).flatten().tolist())
+    g32 = [torch.tensor(row, dtype=torch.float32).tolist() for row in gains]
+    p32 = torch.tensor(penalty, dtype=torch.float32).tolist()
+    assert got == union_reference(g32, p32, budget, contrast)
+    assert len(got) <= budget
+
+
+def test_union_gives_each_dimension_its_own_best_entry():
+    from fgsn_daemon.engine.delta_selection import select_entries_union
+
+    # one dimension's gains are 100x the other's: a summed ranking would take only its entries
+    loud = {"w": torch.tensor([[9.0, 8.0, 7.0, 0.0]]) * 100}
+    quiet = {"w": torch.tensor([[0.0, 0.0, 0.0, 0.05]])}
+    masks = select_entries_union([loud, quiet], {"w": torch.zeros(1, 4)}, 2, 0.0)
+    assert masks["w"].tolist() == [[True, False, False, True]]

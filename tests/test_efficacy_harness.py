@@ -246,3 +246,12 @@ def test_scored_effects_are_cached_per_path_steps_and_first_order_keys_are_uncha
         "version": 1,
     }
     assert first == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def test_union_of_dimensions_refuses_settings_it_cannot_honour_before_scoring(tmp_path: Path, capsys) -> None:
+    argv = ["--trio-root", str(tmp_path), "--out", str(tmp_path / "o"), "--union-dimensions"]
+    assert main([*argv, "--grid", "entry:0.5:all:0:c1:h1x0.05"]) == 2
+    assert "plain entries" in capsys.readouterr().err
+    assert main([*argv, "--balance-dimensions", "--grid", "entry:0.5:all:0"]) == 2
+    assert "neither --balance-dimensions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

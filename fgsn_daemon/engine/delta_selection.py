@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -175,6 +175,62 @@ def select_entries(
             need -= len(ties)
         out[n] = mask.reshape(gain[n].shape)
     return out
+
+
+def select_entries_union(
+    gains: Sequence[Mapping[str, torch.Tensor]],
+    cost: Mapping[str, torch.Tensor],
+    budget: int,
+    p: float,
+    penalty: Mapping[str, torch.Tensor] | None = None,
+    contrast: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """The union of every dimension's own top-t entries (each ranked as in ``select_entries`` by
+    its own gain), with t the largest count whose union fits ``budget``: each dimension gets its
+    best entries, whatever the scale of its loss, instead of one ranking by the summed gain.
+
+    Searches t by bisection over per-dimension thresholds (each dimension's top-``budget``
+    scores are found once), so it costs O(log budget) passes over the scores."""
+    if not gains:
+        raise ConfigError("no dimensions to select for")
+    names = sorted(gains[0])
+    if budget == 0:
+        return {n: torch.zeros_like(gains[0][n], dtype=torch.bool) for n in names}
+
+    def score(g: Mapping[str, torch.Tensor], n: str) -> torch.Tensor:
+        v = g[n].float()
+        s = v - contrast * penalty[n].float() if contrast > 0 and penalty is not None else v
+        return torch.where(v > 0, s, torch.zeros_like(s)).flatten()
+
+    if p > 0:
+        # the top-p % by cost never compete (as in select_entries)
+        n_excluded = math.ceil(sum(cost[n].numel() for n in names) * p / 100.0)
+        cutoff = float(_top_values((cost[n].flatten() for n in names), n_excluded)[-1])
+        keep = {n: (cost[n] < cutoff).flatten() for n in names}
+    else:
+        keep = {n: torch.ones(cost[n].numel(), dtype=torch.bool) for n in names}
+    # held once: one score table per dimension (positive scores outside the excluded top-p %)
+    scores = [{n: torch.where(keep[n], score(g, n), torch.zeros(())) for n in names} for g in gains]
+    tops = [_top_values((s[n][s[n] > 0] for n in names), budget) for s in scores]
+
+    def union(t: int) -> dict[str, torch.Tensor]:
+        out = {n: torch.zeros(cost[n].numel(), dtype=torch.bool) for n in names}
+        for s, top in zip(scores, tops, strict=True):
+            if t == 0 or top.numel() == 0:
+                continue
+            kth = float(top[min(t, top.numel()) - 1])
+            for n in names:
+                out[n] |= (s[n] >= kth) & (s[n] > 0)
+        return out
+
+    lo, hi = 0, budget  # union(lo) fits; find the largest t that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(int(m.sum()) for m in union(mid).values()) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return {n: m.reshape(gains[0][n].shape) for n, m in union(lo).items()}
 
 
 def neurons_of_entries(

@@ -37,7 +37,7 @@ from fgsn_daemon.core.prompts import load_prompt_records, load_prompts, prompts_
 from fgsn_daemon.core.stats import cluster_bootstrap_interval, paired_bootstrap_diff, wilson_interval
 from fgsn_daemon.engine.activations import load_tokenizer, resolve_device
 from fgsn_daemon.engine.attribution import mean_effects
-from fgsn_daemon.engine.delta_selection import select_entries
+from fgsn_daemon.engine.delta_selection import select_entries, select_entries_union
 from fgsn_daemon.engine.evaluation import UtilityItem, answer_correct, generate_responses, load_utility
 from fgsn_daemon.engine.localisation import group_by_layer_space, select_neurons
 from fgsn_daemon.engine.pipeline import (
@@ -380,6 +380,9 @@ class StudyConfig:
     # the refusal loss as the mean of per-dimension losses (each dimension weighs the same, as in
     # the mean ASR) instead of one loss over the pooled prompts
     balance_dimensions: bool = False
+    # entries: the union of each dimension's own top entries under one budget (each dimension's
+    # refusal loss scored alone) instead of one ranking by a pooled or averaged loss
+    union_dimensions: bool = False
     path_steps: int = 1  # gradient points along the revert (1 = first order at the fine-tuned weights)
     # keep every response with its verdict (``responses-<split>.jsonl``), to audit the judge
     keep_responses: bool = False
@@ -488,8 +491,23 @@ def choose_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     return min(ok, key=lambda r: (r["mean_asr"], r["share"]))
 
 
+def check_union(cfg: StudyConfig) -> None:
+    """The union of per-dimension rankings selects plain entries: refused, before any scoring,
+    for settings it would otherwise silently treat as plain."""
+    settings = [*cfg.settings, *cfg.report_settings]
+    odd = [
+        st.name for st in settings if st.unit != "entry" or st.hard or st.steps > 1 or st.guard is not None
+    ]
+    if cfg.union_dimensions and (cfg.balance_dimensions or odd):
+        what = odd[0] if odd else "--balance-dimensions"
+        raise ConfigError(
+            f"--union-dimensions selects plain entries (no hard rounds, steps, guard or balance): {what}"
+        )
+
+
 def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
+    check_union(cfg)
     splits = SPLITS if cfg.split == "both" else (cfg.split,)
     by_split = {sp: load_inputs(cfg.spec, sp, cfg.max_train, cfg.max_benign_train) for sp in splits}
     inputs = by_split[splits[0]]
@@ -523,6 +541,15 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         effects_kind = "refusal+benign/balanced" if cfg.balance_dimensions else "refusal+benign"
         key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params, effects_kind)
         cached = load_effects(key)
+        per_dimension: list[Any] = []
+        if cfg.union_dimensions:
+            for ps in inputs.train.values():
+                dkey = effects_key(cfg.spec, ps, inputs.benign_train, names, base_params)
+                hit = load_effects(dkey)
+                if hit is None:
+                    hit = (loc.harmful_effects(ps, names), None)
+                    save_effects(dkey, hit[0], None)
+                per_dimension.append(hit[0])
         if cached is None:
             if cfg.balance_dimensions:
                 harm_all = mean_effects(loc.harmful_effects(ps, names) for ps in inputs.train.values())
@@ -561,6 +588,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 tensors,
                 seconds,
                 None if refusal_all is None else restrict_effects(refusal_all, tensors),
+                [restrict_effects(h, tensors) for h in per_dimension],
             )
         ft_model = loc._finetuned()
         models = {"aligned": loc._aligned(), "finetuned": ft_model}
@@ -605,8 +633,21 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
 
         def edit_for(st: Setting) -> tuple[Edit, dict[str, Any], Callable[[int], Edit]]:
             """The setting's edit, its record, and its random control at the same budget."""
-            harm, benign, tensors, seconds, refusal = effects[st.scope]
+            harm, benign, tensors, seconds, refusal, per_dimension = effects[st.scope]
             extra: dict[str, Any] = {"setting": asdict(st), "score_s": seconds}
+            if st.unit == "entry" and per_dimension:
+                gains = [{n: -h.entries[n] for n in sorted(h.entries)} for h in per_dimension]
+                names_ = sorted(gains[0])
+                kind = "odds" if st.penalty == "odds" else "refusal"
+                masks = select_entries_union(
+                    gains,
+                    {n: benign.entries[n] for n in names_},
+                    int(total * st.budget / 100),
+                    st.p,
+                    contrast_penalty(refusal, benign, names_, kind),
+                    st.contrast,
+                )
+                return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
             if st.unit == "entry":
                 gain = {n: -harm.entries[n] for n in sorted(harm.entries)}
                 cost = {n: benign.entries[n] for n in gain}
@@ -1120,6 +1161,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="refusal loss = mean of the dimensions' losses (not one loss over the pooled prompts)",
     )
     ap.add_argument(
+        "--union-dimensions",
+        action="store_true",
+        help="entries: the union of each dimension's own top entries under one budget",
+    )
+    ap.add_argument(
         "--path-steps",
         type=int,
         default=1,
@@ -1213,6 +1259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.continual and args.responses:
             raise ConfigError("--responses is not kept by --continual runs; run the rows without --continual")
         settings = settings_from_args(args)
+        if args.union_dimensions and (args.balance_dimensions or args.continual):
+            raise ConfigError("--union-dimensions takes neither --balance-dimensions nor --continual")
         for st in settings:
             if st.unit not in ("entry", "neuron", "neuron-per-layer") or st.scope not in ("all", "band"):
                 raise ConfigError(f"bad setting {st}")
@@ -1239,6 +1287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_tokens=args.target_tokens,
             calibration=args.calibration,
             balance_dimensions=args.balance_dimensions,
+            union_dimensions=args.union_dimensions,
             path_steps=args.path_steps,
             batch_size=args.batch_size,
             keep_responses=args.responses,
