@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,15 @@ class Point:
     source: str
 
 
+def option(command: str, name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in a recorded command, else None."""
+    found = re.search(rf"--{name}[ =](\S+)", command)
+    return found.group(1) if found else None
+
+
 def family_of(command: str, setting: dict) -> str:
-    scoring = "integrated" if "--path-steps 3" in command else "first order"
+    steps = int(option(command, "path-steps") or 1)
+    scoring = "first order" if steps == 1 else "integrated" if steps == 3 else f"integrated K={steps}"
     protocol = (
         "union"
         if "--union-dimensions" in command
@@ -41,8 +49,14 @@ def family_of(command: str, setting: dict) -> str:
         else "pooled"
     )
     parts = [scoring, protocol]
-    if "--max-train-prompts 200" in command:
+    train = option(command, "max-train-prompts")
+    if train == "200":
         parts.append("all train prompts")
+    elif train is not None and train != "64":
+        parts.append(f"{train} train prompts per dimension")
+    for name in ("calibration", "target-tokens", "max-new-tokens"):  # options that change results
+        if option(command, name) is not None:
+            parts.append(f"{name} {option(command, name)}")
     if setting.get("hard_positive"):
         parts.append("hard positives")
     elif setting.get("hard"):
@@ -51,6 +65,8 @@ def family_of(command: str, setting: dict) -> str:
 
 
 def collect(roots: list[Path], benign: int) -> tuple[list[Point], dict[str, float]]:
+    """The points, one per (family, setting); a setting re-run must give the same figures (the
+    generation is greedy and the selection deterministic), and so must the reference rows."""
     points: dict[tuple[str, str], Point] = {}
     refs: dict[str, float] = {}
     for path in sorted(p for root in roots for p in root.rglob("efficacy-*.json")):
@@ -64,24 +80,29 @@ def collect(roots: list[Path], benign: int) -> tuple[list[Point], dict[str, floa
             if row["split"] != "selection":
                 continue
             if row["group"] == "reference":
-                refs.setdefault(f"{row['name']}_asr", 100 * row["mean_asr"])
-                refs.setdefault(f"{row['name']}_or", 100 * row["over_refusal"]["rate"])
+                for key, value in (
+                    (f"{row['name']}_asr", 100 * row["mean_asr"]),
+                    (f"{row['name']}_or", 100 * row["over_refusal"]["rate"]),
+                ):
+                    if abs(refs.setdefault(key, value) - value) > 1e-6:
+                        raise SystemExit(f"{path}: {key} is {value:.2f}, another file says {refs[key]:.2f}")
                 continue
             if row["group"] != "fgsn" or "setting" not in row:
                 continue
-            family = family_of(data["command"], row["setting"])
-            key = (family, row["name"])
-            points.setdefault(  # the same setting re-run gives the same figures: keep one
-                key,
-                Point(
-                    family,
-                    row["name"].removeprefix("attribution/"),
-                    100 * row["mean_asr"],
-                    100 * row["over_refusal"]["rate"],
-                    100 * row["utility"]["rate"],
-                    str(path),
-                ),
+            point = Point(
+                family_of(data["command"], row["setting"]),
+                row["name"].removeprefix("attribution/"),
+                100 * row["mean_asr"],
+                100 * row["over_refusal"]["rate"],
+                100 * row["utility"]["rate"],
+                str(path),
             )
+            kept = points.setdefault((point.family, point.setting), point)
+            if (kept.asr, kept.over_refusal, kept.utility) != (point.asr, point.over_refusal, point.utility):
+                raise SystemExit(
+                    f"{point.family} {point.setting}: {path} and {kept.source} disagree; "
+                    "a setting that changed between runs needs its own family"
+                )
     return sorted(points.values(), key=lambda p: (p.over_refusal, p.asr)), refs
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fgsn_daemon.core.errors import ConfigError
@@ -188,16 +188,18 @@ def test_cluster_bootstrap_widens_when_failures_come_in_clusters():
         cluster_bootstrap_interval([True], [])
 
 
-def union_reference(gains: list[list[float]], penalty: list[float], budget: int, contrast: float) -> set[int]:
+def union_reference(
+    gains: list[list[float]], penalty: list[float], cost: list[float], budget: int, p: float, contrast: float
+) -> set[int]:
     """Dense reference: the largest t whose union of per-dimension top-t fits the budget."""
+    excluded = set(sorted(range(len(cost)), key=lambda i: -cost[i])[: math.ceil(len(cost) * p / 100)])
     best: set[int] = set()
     for t in range(budget + 1):
         chosen: set[int] = set()
         for g in gains:
             # float32 scores, as the implementation computes them
             s32 = (torch.tensor(g) - contrast * torch.tensor(penalty)).tolist()
-            scored = [(s32[i], i) for i, gi in enumerate(g) if gi > 0]
-            scored = [(s, i) for s, i in scored if s > 0]
+            scored = [(s32[i], i) for i, gi in enumerate(g) if gi > 0 and s32[i] > 0 and i not in excluded]
             scored.sort(key=lambda x: -x[0])
             chosen |= {i for _, i in scored[:t]}
         if len(chosen) > budget:
@@ -206,31 +208,58 @@ def union_reference(gains: list[list[float]], penalty: list[float], budget: int,
     return best
 
 
-@settings(max_examples=60, deadline=None)
+def distinct(values: list[float]) -> list[float]:
+    return [v + 1e-6 * i for i, v in enumerate(values)]
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(
         st.lists(st.floats(-1, 1, allow_nan=False).map(lambda x: round(x, 3)), min_size=12, max_size=12),
         min_size=1,
         max_size=4,
     ),
+    st.lists(st.floats(-1, 1, allow_nan=False).map(lambda x: round(x, 3)), min_size=12, max_size=12),
     st.lists(st.floats(0, 1, allow_nan=False).map(lambda x: round(x, 3)), min_size=12, max_size=12),
     st.integers(0, 12),
+    st.sampled_from([0.0, 25.0]),
     st.sampled_from([0.0, 0.5]),
 )
-def test_union_of_dimensions_matches_a_dense_reference(gains, penalty, budget, contrast):
+# a negative-gain entry whose negative penalty alone would make its score positive
+@example([[-0.1, 0.2] + [0.0] * 10], [-0.5] + [0.0] * 11, [0.0] * 12, 4, 0.0, 0.5)
+def test_union_of_dimensions_matches_a_dense_reference(gains, penalty, cost, budget, p, contrast):
     from fgsn_daemon.engine.delta_selection import select_entries_union
 
-    # distinct scores per dimension, so "top t" has one answer
-    gains = [[g + 1e-6 * i for i, g in enumerate(row)] for row in gains]
+    # distinct scores and costs, so "top t" and "top p %" have one answer; negative penalties
+    # (reverting makes benign prompts less refused) raise a score, but only positive gains compete
+    gains = [distinct(row) for row in gains]
+    cost = distinct(cost)
     as_tensors = [{"w": torch.tensor(row, dtype=torch.float32).reshape(3, 4)} for row in gains]
-    cost = {"w": torch.zeros(3, 4)}
+    costs = {"w": torch.tensor(cost, dtype=torch.float32).reshape(3, 4)}
     pen = {"w": torch.tensor(penalty, dtype=torch.float32).reshape(3, 4)}
-    masks = select_entries_union(as_tensors, cost, budget, 0.0, pen, contrast)
+    masks = select_entries_union(as_tensors, costs, budget, p, pen, contrast)
     got = set(torch.nonzero(masks["w"].flatten()).flatten().tolist())
     g32 = [torch.tensor(row, dtype=torch.float32).tolist() for row in gains]
+    c32 = torch.tensor(cost, dtype=torch.float32).tolist()
     p32 = torch.tensor(penalty, dtype=torch.float32).tolist()
-    assert got == union_reference(g32, p32, budget, contrast)
+    assert got == union_reference(g32, p32, c32, budget, p, contrast)
     assert len(got) <= budget
+
+
+def test_union_takes_ties_together_and_refuses_bad_input():
+    from fgsn_daemon.engine.delta_selection import select_entries_union
+
+    tied = {"w": torch.tensor([[1.0, 1.0, 1.0, 0.5]])}
+    zero = {"w": torch.zeros(1, 4)}
+    # the three tied entries come in together or not at all
+    assert select_entries_union([tied], zero, 3, 0.0)["w"].tolist() == [[True, True, True, False]]
+    assert not select_entries_union([tied], zero, 2, 0.0)["w"].any()
+    with pytest.raises(ConfigError):
+        select_entries_union([tied], zero, 2, 0.0, None, 1.0)  # a contrast needs its penalty
+    with pytest.raises(ConfigError):
+        select_entries_union([tied], zero, -1, 0.0)
+    with pytest.raises(ConfigError):
+        select_entries_union([], zero, 2, 0.0)
 
 
 def test_union_gives_each_dimension_its_own_best_entry():

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,11 +61,16 @@ def test_points_are_labelled_deduplicated_and_checked_against_the_corner(tmp_pat
             row("attribution/entry/0.5%/all/p0/c0.8", "fgsn", 0.2, 0.2, plain, split="report"),
         ],
     )
-    study(  # the same setting again (kept once) and a hard-negative row of the first order
+    hard = {"hard": 1}
+    study(  # the same setting re-run (kept once) and a hard-negative row
         tmp_path / "b" / "efficacy-both.json",
-        "efficacy --grid y",
+        "efficacy --path-steps=3 --balance-dimensions --grid y",
         410,
-        [*refs, row("attribution/entry/0.5%/all/p0/c1/hard1x0.05", "fgsn", 0.18, 0.041, {"hard": 1})],
+        [
+            *refs,
+            row("attribution/entry/0.5%/all/p0/c0.8", "fgsn", 0.115, 0.049, plain),
+            row("attribution/entry/0.5%/all/p0/c1/hard1x0.05", "fgsn", 0.18, 0.041, hard),
+        ],
     )
     study(
         tmp_path / "c" / "efficacy-selection.json",
@@ -74,9 +81,23 @@ def test_points_are_labelled_deduplicated_and_checked_against_the_corner(tmp_pat
     points, found = fr.collect([tmp_path], 410)
     assert [(p.family, p.setting) for p in points] == [
         ("integrated, balanced", "entry/0.5%/all/p0/c0.7"),
-        ("first order, pooled, hard negatives", "entry/0.5%/all/p0/c1/hard1x0.05"),
+        ("integrated, balanced, hard negatives", "entry/0.5%/all/p0/c1/hard1x0.05"),
         ("integrated, balanced", "entry/0.5%/all/p0/c0.8"),
     ]
+    assert points[-1].source.endswith("a/efficacy-selection.json")  # the re-run is not a new point
     assert found["aligned_asr"] == 5.0 and found["finetuned_or"] == 0.0
     assert fr.write_table(points, found, tmp_path, "cmd") == 1  # only c0.7: 8.0 % ≤ 10, 4.0 % ≤ 5
     assert "**1 inside**" in (tmp_path / "selection-frontier.md").read_text()
+
+
+def test_a_re_run_that_disagrees_and_other_options_are_not_merged(tmp_path: Path) -> None:
+    fr = load_script()
+    assert fr.family_of("x --path-steps 5 --max-train-prompts 32 --calibration c.jsonl", {}) == (
+        "integrated K=5, pooled, 32 train prompts per dimension, calibration c.jsonl"
+    )
+    refs = [row("aligned", "reference", 0.05, 0.30), row("finetuned", "reference", 0.98, 0.0)]
+    for name, asr in (("a", 0.1), ("b", 0.2)):
+        rows = [*refs, row("s", "fgsn", asr, 0.0, {"hard": 0})]
+        study(tmp_path / name / "efficacy-selection.json", "efficacy --grid x", 410, rows)
+    with pytest.raises(SystemExit, match="disagree"):
+        fr.collect([tmp_path], 410)

@@ -189,10 +189,19 @@ def select_entries_union(
     its own gain), with t the largest count whose union fits ``budget``: each dimension gets its
     best entries, whatever the scale of its loss, instead of one ranking by the summed gain.
 
-    Searches t by bisection over per-dimension thresholds (each dimension's top-``budget``
-    scores are found once), so it costs O(log budget) passes over the scores."""
+    Entries tied with a dimension's t-th score come in together (no positional tie-break), so a
+    dimension may bring more than t. Searches t by bisection over per-dimension thresholds (each
+    dimension's top-``budget`` scores are found once), so it costs O(log budget) passes over the
+    scores; it holds one score table per dimension, so it is meant for the harness's few
+    dimensions, not for streaming a large model's scores as ``select_entries`` does."""
     if not gains:
         raise ConfigError("no dimensions to select for")
+    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
+        raise ConfigError(
+            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
+        )
+    if contrast > 0 and penalty is None:
+        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
     names = sorted(gains[0])
     if budget == 0:
         return {n: torch.zeros_like(gains[0][n], dtype=torch.bool) for n in names}

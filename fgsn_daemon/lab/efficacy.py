@@ -544,7 +544,8 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         per_dimension: list[Any] = []
         if cfg.union_dimensions:
             for ps in inputs.train.values():
-                dkey = effects_key(cfg.spec, ps, inputs.benign_train, names, base_params)
+                # its own kind: a one-dimension trio's pooled key would otherwise be the same
+                dkey = effects_key(cfg.spec, ps, inputs.benign_train, names, base_params, "refusal/dimension")
                 hit = load_effects(dkey)
                 if hit is None:
                     hit = (loc.harmful_effects(ps, names), None)
