@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -119,6 +119,37 @@ def _top_values(chunks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     return torch.sort(best, descending=True).values
 
 
+def _entry_scorer(
+    cost: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    budget: int,
+    p: float,
+    penalty: Mapping[str, torch.Tensor] | None,
+    contrast: float,
+) -> Callable[[Mapping[str, torch.Tensor], str], torch.Tensor]:
+    """Checks the selection's arguments and returns ``score(gain, name)``: one tensor's flat
+    float32 scores, ``gain − contrast × penalty`` (or ``gain``) where the gain is positive and the
+    entry is not among the top-p % by cost over all ``names``, else 0. Float32 throughout: a k-th
+    value is one of these scores, so comparisons with it are exact."""
+    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
+        raise ConfigError(
+            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
+        )
+    if contrast > 0 and penalty is None:
+        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
+    n_excluded = math.ceil(sum(cost[n].numel() for n in names) * p / 100.0)
+    cutoff = (
+        float(_top_values((cost[n].flatten() for n in names), n_excluded)[-1]) if n_excluded > 0 else math.inf
+    )
+
+    def score(gain: Mapping[str, torch.Tensor], n: str) -> torch.Tensor:
+        g = gain[n].float()
+        s = g - contrast * penalty[n].float() if contrast > 0 and penalty is not None else g
+        return torch.where((cost[n] < cutoff) & (g > 0), s, torch.zeros_like(s)).flatten()
+
+    return score
+
+
 def select_entries(
     gain: Mapping[str, torch.Tensor],
     cost: Mapping[str, torch.Tensor],
@@ -136,25 +167,13 @@ def select_entries(
 
     Memory: one tensor's scores at a time plus O(budget) values (two passes over the tensors), so
     a model's worth of scores is never concatenated."""
-    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
-        raise ConfigError(
-            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
-        )
-    if contrast > 0 and penalty is None:
-        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
     names = sorted(gain)
+    scorer = _entry_scorer(cost, names, budget, p, penalty, contrast)
     if not names or budget == 0:
         return {n: torch.zeros_like(gain[n], dtype=torch.bool) for n in names}
-    n_excluded = math.ceil(sum(cost[n].numel() for n in names) * p / 100.0)
-    cutoff = (
-        float(_top_values((cost[n].flatten() for n in names), n_excluded)[-1]) if n_excluded > 0 else math.inf
-    )
 
     def score(n: str) -> torch.Tensor:
-        g = gain[n].float()
-        s = g - contrast * penalty[n].float() if contrast > 0 and penalty is not None else g
-        # float32 throughout: the k-th value is one of these scores, so comparisons are exact
-        return torch.where((cost[n] < cutoff) & (g > 0), s, torch.zeros_like(s)).flatten()
+        return scorer(gain, n)
 
     # pass 1: the best ``budget`` positive scores (every score above the k-th is among them)
     best = _top_values((v[v > 0] for v in map(score, names)), budget)
@@ -196,30 +215,12 @@ def select_entries_union(
     dimensions, not for streaming a large model's scores as ``select_entries`` does."""
     if not gains:
         raise ConfigError("no dimensions to select for")
-    if budget < 0 or not 0 <= p <= 100 or contrast < 0:
-        raise ConfigError(
-            f"budget and contrast must be >= 0 and p in [0, 100] (got {budget}, {contrast}, {p})"
-        )
-    if contrast > 0 and penalty is None:
-        raise ConfigError("a refusal contrast needs the benign-refusal effects (penalty)")
     names = sorted(gains[0])
+    scorer = _entry_scorer(cost, names, budget, p, penalty, contrast)
     if budget == 0:
         return {n: torch.zeros_like(gains[0][n], dtype=torch.bool) for n in names}
-
-    def score(g: Mapping[str, torch.Tensor], n: str) -> torch.Tensor:
-        v = g[n].float()
-        s = v - contrast * penalty[n].float() if contrast > 0 and penalty is not None else v
-        return torch.where(v > 0, s, torch.zeros_like(s)).flatten()
-
-    if p > 0:
-        # the top-p % by cost never compete (as in select_entries)
-        n_excluded = math.ceil(sum(cost[n].numel() for n in names) * p / 100.0)
-        cutoff = float(_top_values((cost[n].flatten() for n in names), n_excluded)[-1])
-        keep = {n: (cost[n] < cutoff).flatten() for n in names}
-    else:
-        keep = {n: torch.ones(cost[n].numel(), dtype=torch.bool) for n in names}
-    # held once: one score table per dimension (positive scores outside the excluded top-p %)
-    scores = [{n: torch.where(keep[n], score(g, n), torch.zeros(())) for n in names} for g in gains]
+    # held once: one score table per dimension
+    scores = [{n: scorer(g, n) for n in names} for g in gains]
     tops = [_top_values((s[n][s[n] > 0] for n in names), budget) for s in scores]
 
     def union(t: int) -> dict[str, torch.Tensor]:

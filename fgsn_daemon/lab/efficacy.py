@@ -538,7 +538,9 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         all_tensors = loc.scored_tensors(loc.attribution_layers())
         names = sorted(all_tensors)
         t_score = time.perf_counter()
-        effects_kind = "refusal+benign/balanced" if cfg.balance_dimensions else "refusal+benign"
+        # the union keeps each dimension's effects; their mean is the balanced loss's effects
+        balanced = cfg.balance_dimensions or cfg.union_dimensions
+        effects_kind = "refusal+benign/balanced" if balanced else "refusal+benign"
         key = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params, effects_kind)
         cached = load_effects(key)
         per_dimension: list[Any] = []
@@ -552,7 +554,9 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                     save_effects(dkey, hit[0], None)
                 per_dimension.append(hit[0])
         if cached is None:
-            if cfg.balance_dimensions:
+            if per_dimension:  # no second pass over the prompts
+                harm_all = mean_effects(per_dimension)
+            elif cfg.balance_dimensions:
                 harm_all = mean_effects(loc.harmful_effects(ps, names) for ps in inputs.train.values())
             else:
                 harm_all = loc.harmful_effects(pooled, names)
