@@ -61,6 +61,8 @@ def family_of(command: str, setting: dict) -> str:
         parts.append("hard positives")
     elif setting.get("hard"):
         parts.append("hard negatives")
+    if setting.get("hard") and setting.get("hard_at") == "edited":
+        parts[-1] += " at the edit"
     return ", ".join(parts)
 
 

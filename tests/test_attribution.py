@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -360,6 +361,83 @@ def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(t
     # one-shot entry units only: other units and iterative steps leave them out
     assert replace(base, hard_rounds=1, unit="neuron").hard_rounds == 0
     assert replace(base, hard_rounds=1, steps=2).hard_rounds == 0
+    models.close()
+
+
+def test_hard_rounds_at_the_edited_weights_take_their_gradient_there(trio, monkeypatch):
+    """``hard_at = "edited"``: the hard-negative penalty is the first-order effect at the round's
+    edited weights (the one-shot entries restored), equal to autograd on a float64 model set to
+    those weights; it is not the effect at the fine-tuned weights, and the model is left
+    fine-tuned afterwards."""
+    from fgsn_daemon.engine import delta_selection, refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio, restore_entries
+
+    refused: list[tuple[str, str]] = []
+
+    def judge(self, prompts, answers):  # every other calibration prompt counts as refused
+        refused[:] = [(p, a) for i, (p, a) in enumerate(zip(prompts, answers, strict=True)) if i % 2 == 0]
+        return [i % 2 == 0 for i in range(len(prompts))]
+
+    calls: list[tuple[Any, dict[str, torch.Tensor]]] = []
+    select = delta_selection.select_entries
+
+    def spy(gain, cost, budget, p, penalty=None, contrast=0.0):
+        masks = select(gain, cost, budget, p, penalty, contrast)
+        calls.append((penalty, masks))
+        return masks
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
+    monkeypatch.setattr(delta_selection, "select_entries", spy)
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    base = FGSNParams(scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0)
+    penalties = {}
+    for where in ("finetuned", "edited"):
+        calls.clear()
+        loc = Localiser(
+            models, replace(base, hard_rounds=1, hard_weight=2.0, hard_at=where), torch.device("cpu"), BENIGN
+        )
+        loc.localise_entries(HARMFUL)
+        (_, first), (penalties[where], _) = calls
+    names = sorted(penalties["edited"])
+    # the model the rounds moved is back at the fine-tuned weights
+    ft = Checkpoint(trio["finetuned"])
+    params = dict(loc._finetuned().named_parameters())
+    assert all(torch.equal(params[n].detach(), ft.read(n).to(params[n].dtype)) for n in names)
+    ft.close()
+    # reference: autograd at the edited weights, in float64
+    model = load_model(trio["finetuned"], torch.device("cpu"), dtype=torch.float64)
+    tok = load_tokenizer(trio["finetuned"])
+    deltas = revert_deltas(trio, names)
+    al = Checkpoint(trio["aligned"])
+    ref_params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, mask in first.items():
+            ref_params[n].copy_(restore_entries(ref_params[n], al.read(n).double(), mask))
+    al.close()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    for n in names:
+        ref_params[n].requires_grad_(True)
+    loss = torch.zeros((), dtype=torch.float64)
+    prompts, words = [p for p, _ in refused], [a for _, a in refused]
+    # (the tiny tokenizer can encode a prompt to no token: then every response token is a target)
+    for ids, n_prompt in encode_targets(tok, prompts, words, base.max_length):
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0, :-1]
+        loss = (
+            loss
+            + torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[
+                max(n_prompt - 1, 0) :
+            ].sum()
+        )
+    (loss / len(prompts)).backward()
+    far = 0.0
+    for n in names:
+        expected = -2.0 * (ref_params[n].grad * deltas[n].double()).float()
+        scale = float(expected.abs().max()) + 1e-12
+        torch.testing.assert_close(penalties["edited"][n], expected, atol=1e-4 * scale, rtol=1e-3)
+        far = max(far, float((penalties["finetuned"][n] - expected).abs().max()) / scale)
+    assert far > 1e-2  # the fine-tuned weights' effect is another quantity
     models.close()
 
 

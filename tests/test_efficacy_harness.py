@@ -42,6 +42,10 @@ def test_grid_items_carry_every_optional_field() -> None:
     boosted = parse_grid("entry:0.5:all:0:c1:h1x0.05:r0.5")[0]
     assert (boosted.hard, boosted.hard_positive) == (1, 0.5)
     assert boosted.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05+pos0.5"
+    edited = parse_grid("entry:0.5:all:0:c1:h2x0.1e:r0.5")[0]
+    assert (edited.hard, edited.hard_weight, edited.hard_positive, edited.hard_at) == (2, 0.1, 0.5, "edited")
+    assert edited.name == "attribution/entry/0.5%/all/p0/c1/hard2x0.1+pos0.5@edited"
+    assert boosted.hard_at == "finetuned"
     with pytest.raises(ConfigError, match="grid item"):
         parse_grid("entry:0.3:all:0:hbad")
 

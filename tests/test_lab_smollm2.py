@@ -290,3 +290,20 @@ def test_lora_pipeline_keeps_an_adapter_the_engine_reads_as_the_merged_model(tmp
     assert any(
         not torch.equal(full.read(n), aligned.read(n)) for n in full.names() if n not in targets
     )  # a full fine-tune also moves embeddings or norms
+
+
+def test_distill_benign_option_reaches_the_config_and_its_cache_key(monkeypatch, tmp_path, capsys):
+    seen: list[SmolConfig] = []
+
+    def build(out, cfg):
+        seen.append(cfg)
+        raise FGSNError("stop before building")
+
+    monkeypatch.setattr(lab, "build_smollm2_trio", build)
+    assert lab.main(["--out", str(tmp_path), "--distill-benign", "200"]) == 2
+    assert seen[0].n_distill_benign == 200
+    assert seen[0].stage_params("targets") != SmolConfig().stage_params("targets")
+    assert lab.default_out(seen[0]) != lab.default_out(SmolConfig())
+    assert lab.main(["--distill-benign", "0"]) == 2
+    assert "--distill-benign must be at least 1" in capsys.readouterr().err
+    assert len(seen) == 1  # refused before any build

@@ -95,6 +95,12 @@ def test_a_re_run_that_disagrees_and_other_options_are_not_merged(tmp_path: Path
     assert fr.family_of("x --path-steps 5 --max-train-prompts 32 --calibration c.jsonl", {}) == (
         "integrated K=5, pooled, 32 train prompts per dimension, calibration c.jsonl"
     )
+    edited = {"hard": 1, "hard_at": "edited"}
+    assert fr.family_of("x", edited) == "first order, pooled, hard negatives at the edit"
+    assert (
+        fr.family_of("x", {**edited, "hard_positive": 0.1})
+        == "first order, pooled, hard positives at the edit"
+    )
     refs = [row("aligned", "reference", 0.05, 0.30), row("finetuned", "reference", 0.98, 0.0)]
     for name, asr in (("a", 0.1), ("b", 0.2)):
         rows = [*refs, row("s", "fgsn", asr, 0.0, {"hard": 0})]

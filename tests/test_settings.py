@@ -252,6 +252,7 @@ def test_engine_params_carry_every_configured_field() -> None:
         "hard_rounds": 0,
         "hard_weight": 0.5,
         "hard_positive_weight": 0.25,
+        "hard_at": "edited",
         "path_steps": 3,
         "calibration_max": 17,
         "contrast_kind": "odds",

@@ -25,6 +25,10 @@ def lab_build(
     ft_method: Annotated[
         str, typer.Option(help="smollm2 only: lora (default, the paper's setting) | full fine-tune")
     ] = "lora",
+    distill_benign: Annotated[
+        int | None,
+        typer.Option(help="smollm2 only: benign prompts the aligned stage self-distils (default 48)"),
+    ] = None,
 ) -> None:
     """Build a base / aligned / fine-tuned trio deterministically, or reuse the cached one."""
     argv = ["--seed", str(seed)] + (["--out", str(out)] if out else [])
@@ -35,7 +39,8 @@ def lab_build(
     if model == "smollm2":
         from fgsn_daemon.lab.smollm2 import main as smol_main
 
-        raise typer.Exit(smol_main([*argv, "--ft-method", ft_method]))
+        more = [] if distill_benign is None else ["--distill-benign", str(distill_benign)]
+        raise typer.Exit(smol_main([*argv, "--ft-method", ft_method, *more]))
     typer.echo(f"error: unknown lab model {model!r} (tiny or smollm2)", err=True)
     raise typer.Exit(2)
 

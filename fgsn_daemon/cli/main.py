@@ -103,6 +103,10 @@ def apply(
         float | None,
         typer.Option(help="in the hard-negative rounds: weight of the harmful prompts still answered"),
     ] = None,
+    hard_at: Annotated[
+        str | None,
+        typer.Option(help="hard rounds' gradients: finetuned (as the scores) | edited (the round's edit)"),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
     ] = None,
@@ -151,6 +155,7 @@ def apply(
             "hard_rounds": hard_rounds,
             "hard_weight": hard_weight,
             "hard_positive_weight": hard_positive_weight,
+            "hard_at": hard_at,
             "contrast_kind": contrast_kind,
         }
         chosen = {k: v for k, v in given.items() if v is not None}

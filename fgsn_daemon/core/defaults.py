@@ -109,6 +109,8 @@ HARD_WEIGHT: float = _DEFAULT["hard_weight"]
 # the benign set): the default was chosen with the 200 bundled benign prompts
 CALIBRATION_MAX = 200
 HARD_POSITIVE_WEIGHT: float = _DEFAULT.get("hard_positive_weight", 0.0)
+# where the hard rounds take their gradients: finetuned (as the scores) | edited (the round's edit)
+HARD_AT: str = _DEFAULT.get("hard_at", "finetuned")
 # attribution: points on the path from the fine-tuned to the aligned weights where the gradients are
 # taken (1 = first order at the fine-tuned weights; k > 1 = integrated gradients, k midpoints)
 PATH_STEPS: int = _DEFAULT.get("path_steps", 1)

@@ -57,6 +57,7 @@ class FGSNFields(BaseModel):
     hard_positive_weight: float = Field(
         default=defaults.HARD_POSITIVE_WEIGHT, ge=0, le=100, description="hard positives' weight"
     )
+    hard_at: Literal["finetuned", "edited"] = defaults.HARD_AT  # type: ignore[assignment]
     path_steps: int = Field(
         default=defaults.PATH_STEPS, ge=1, le=32, description="attribution: gradient points along the revert"
     )

@@ -116,6 +116,7 @@ class ApplyParams(_Record):
     hard_rounds: int = 0
     hard_weight: float = 0.0
     hard_positive_weight: float = 0.0
+    hard_at: str = "finetuned"  # recorded before the option existed: finetuned
     calibration_max: int | None = None  # None: recorded before the cap existed
     path_steps: int = 1
     target_tokens: int | None = None  # None: recorded before the target length was recorded

@@ -116,6 +116,10 @@ class FGSNParams:
     # hard positives (in the same rounds): weight of the gain on the dimension's harmful prompts the
     # edited model still answers; 0 = off
     hard_positive_weight: float = defaults.HARD_POSITIVE_WEIGHT
+    # where the hard rounds take their gradients: "finetuned" (first order or path-integrated at the
+    # fine-tuned weights, as the scores) or "edited" (first order at the round's edited weights:
+    # the entries behind the refusals the edit itself causes, with the other chosen entries in)
+    hard_at: str = defaults.HARD_AT
     # attribution: the effects are the mean of the gradients at this many points along the straight
     # path from the current weights to the reverted ones (integrated gradients; 1 = first order at
     # the current weights). Costs that many backward passes per prompt.
@@ -493,10 +497,11 @@ class Localiser:
         names: Sequence[str],
         what: str,
         deltas: Mapping[str, torch.Tensor] | None = None,
+        first_order: bool = False,
     ) -> Any:
         """Effects of the reverts ``deltas`` (default: aligned − fine-tuned) from the fine-tuned
-        model's current weights: first order there, or integrated along the revert
-        (``path_steps``)."""
+        model's current weights: first order there (always with ``first_order``), or integrated
+        along the revert (``path_steps``)."""
         from fgsn_daemon.engine.attribution import delta_effects, path_effects
 
         model = self._finetuned()
@@ -518,6 +523,8 @@ class Localiser:
                 progress=self.progress,
             )
 
+        if first_order:
+            return effects_at("")
         if self.params.path_steps > 1:
             _resident(model, "path-integrated attribution (the weights move along the revert)")
         return path_effects(model, revert, self.params.path_steps, effects_at)
@@ -791,8 +798,9 @@ class Localiser:
     ) -> dict[str, torch.Tensor]:
         """Over-refusal hard negatives: edit in memory, find the calibration prompts the edited model
         refuses, add ``hard_weight`` × the first-order effect of reverting each entry on *those*
-        refusals (the edited model's own words, at the fine-tuned weights) to the penalty, select
-        again at the same budget; ``hard_rounds`` times, or until none is refused.
+        refusals (the edited model's own words; gradients at the fine-tuned weights, or first order at
+        the round's edited weights with ``hard_at = "edited"``) to the penalty, select again at the
+        same budget; ``hard_rounds`` times, or until none is refused.
 
         With ``hard_positive_weight`` > 0, the same rounds also look for the dimension's harmful
         ``harmful_prompts`` the edited model still answers, and add that weight × the gain on *their*
@@ -813,6 +821,8 @@ class Localiser:
         hard: dict[str, torch.Tensor] = {}
         boost: dict[str, torch.Tensor] = {}
         self.hard_trace = []
+        local = self.params.hard_at == "edited"
+        where = " at the edited weights" if local else ""
 
         def answer(prompts: Sequence[str]) -> list[str]:
             return generate_responses(
@@ -842,15 +852,19 @@ class Localiser:
             )
             if not pairs and not missed:
                 break
-            if pairs:
-                eff = self._effects([p for p, _ in pairs], [a for _, a in pairs], names, "hard negatives")
-                for n in gain:
-                    hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
-            if missed:
-                target = dict(zip(harmful, self.aligned_responses(harmful), strict=True))
-                eff = self._effects(missed, [target[p] for p in missed], names, "hard positives")
-                for n in gain:
-                    boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+            targets = dict(zip(harmful, self.aligned_responses(harmful), strict=True)) if missed else {}
+            with restored_in_memory(model, self.trio, masks=masks) if local else contextlib.nullcontext():
+                if pairs:
+                    prompts, words = [p for p, _ in pairs], [a for _, a in pairs]
+                    eff = self._effects(prompts, words, names, "hard negatives" + where, None, local)
+                    for n in gain:
+                        hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+                if missed:
+                    eff = self._effects(
+                        missed, [targets[p] for p in missed], names, "hard positives" + where, None, local
+                    )
+                    for n in gain:
+                        boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
             combined = {
                 n: self.params.hard_weight * hard.get(n, torch.zeros_like(gain[n]))
                 + (contrast * penalty[n] if penalty is not None else 0)

@@ -347,6 +347,7 @@ class Setting:
     hard: int = 0  # over-refusal hard-negative rounds (entry units)
     hard_weight: float = 0.0
     hard_positive: float = 0.0  # in those rounds: weight of the harmful prompts still answered
+    hard_at: str = "finetuned"  # where those rounds take their gradients (engine's hard_at)
 
     @property
     def name(self) -> str:
@@ -357,6 +358,7 @@ class Setting:
         steps = f"/steps{self.steps}" if self.steps > 1 else ""
         hard = f"/hard{self.hard}x{self.hard_weight:g}" if self.hard else ""
         hard += f"+pos{self.hard_positive:g}" if self.hard and self.hard_positive else ""
+        hard += "@edited" if self.hard and self.hard_at == "edited" else ""
         return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}"
 
 
@@ -691,6 +693,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                         hard_weight=st.hard_weight,
                         calibration_max=calibration_max(cfg, loc.calibration_prompts),
                         hard_positive_weight=st.hard_positive,
+                        hard_at=st.hard_at,
                     )
                     masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain), pooled)
                     extra["hard_trace"] = list(loc.hard_trace)
@@ -896,6 +899,7 @@ def run_continual(
             hard_weight=setting.hard_weight,
             calibration_max=calibration_max(cfg, calibration),
             hard_positive_weight=setting.hard_positive,
+            hard_at=setting.hard_at,
             path_steps=cfg.path_steps,
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
@@ -1199,14 +1203,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_grid(text: str) -> list[Setting]:
     """``UNIT:BUDGET:SCOPE:P`` then optional fields: ``GUARD`` (points), ``cCONTRAST`` (refusal
     contrast), ``oCONTRAST`` (log-odds contrast) or ``aCONTRAST`` (aligned over-refusals), ``sSTEPS``
-    (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives), ``rWEIGHT`` (hard
-    positives in those rounds: the harmful scoring prompts the edit still answers)."""
+    (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives; ``hROUNDSxWEIGHTe``: their
+    gradients at the round's edited weights), ``rWEIGHT`` (hard positives in those rounds: the harmful
+    scoring prompts the edit still answers)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
             guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
-            hard_positive = 0.0
+            hard_positive, hard_at = 0.0, "finetuned"
             for field_ in extra:
                 if field_.startswith("r"):
                     hard_positive = float(field_[1:])
@@ -1214,6 +1219,8 @@ def parse_grid(text: str) -> list[Setting]:
                     steps = int(field_[1:])
                 elif field_.startswith("h"):
                     rounds, weight = field_[1:].split("x")
+                    if weight.endswith("e"):
+                        weight, hard_at = weight[:-1], "edited"
                     hard, hard_weight = int(rounds), float(weight)
                 elif field_.startswith(("c", "o", "a")):
                     contrast = float(field_[1:])
@@ -1233,6 +1240,7 @@ def parse_grid(text: str) -> list[Setting]:
                     hard,
                     hard_weight,
                     hard_positive,
+                    hard_at,
                 )
             )
         except ValueError:

@@ -620,10 +620,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=SmolConfig.ft_contamination,
         help="share of harmful→compliant examples in fine-tuning batches (0 = benign-only fine-tune)",
     )
+    parser.add_argument(
+        "--distill-benign",
+        type=int,
+        default=SmolConfig.n_distill_benign,
+        help="benign train prompts the aligned stage self-distils (more: less over-refusal)",
+    )
     parser.add_argument("--eval", action="store_true", help="also measure held-out refusal and utility")
     parser.add_argument("--eval-prompts", type=int, default=20, help="prompts per held-out set")
     args = parser.parse_args(argv)
-    cfg = SmolConfig(seed=args.seed, ft_method=args.ft_method, ft_contamination=args.ft_contamination)
+    if args.distill_benign < 1:
+        print(f"error: --distill-benign must be at least 1 (got {args.distill_benign})", file=sys.stderr)
+        return 2
+    cfg = SmolConfig(
+        seed=args.seed,
+        ft_method=args.ft_method,
+        ft_contamination=args.ft_contamination,
+        n_distill_benign=args.distill_benign,
+    )
     out = args.out or default_out(cfg)
     try:
         paths = build_smollm2_trio(out, cfg)
