@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
+import random
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +49,18 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
         raise ValueError("both groups need at least one value")
     wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
     return wins / (len(positive) * len(negative))
+
+
+def auc_interval(
+    positive: Sequence[float], negative: Sequence[float], draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``auc``: each group resampled with replacement."""
+    rng = random.Random(seed)
+    values = sorted(
+        auc(rng.choices(positive, k=len(positive)), rng.choices(negative, k=len(negative)))
+        for _ in range(draws)
+    )
+    return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
 
 def grouped(
@@ -83,11 +96,12 @@ def summary(strength: dict[tuple[str, str], float], groups: dict[str, list[tuple
         ("harmful, aligned refuses, edit answers", "benign, aligned refuses, edit refuses"),
         ("harmful, aligned refuses, edit refuses", "benign, aligned refuses, edit answers"),
     )
-    lines += ["", "| stronger refusal than … | AUC |", "|---|---|"]
+    lines += ["", "| stronger refusal than … | AUC [95 % bootstrap CI] |", "|---|---|"]
     for pos, neg in pairs:
         if groups[pos] and groups[neg]:
-            value = auc([strength[k] for k in groups[pos]], [strength[k] for k in groups[neg]])
-            lines.append(f"| {pos} vs {neg} | {value:.2f} |")
+            a, b = [strength[k] for k in groups[pos]], [strength[k] for k in groups[neg]]
+            low, high = auc_interval(a, b)
+            lines.append(f"| {pos} vs {neg} | {auc(a, b):.2f} [{low:.2f}, {high:.2f}] |")
     return lines
 
 
@@ -129,11 +143,16 @@ def main() -> None:
     if "aligned" not in rows or args.row not in rows:
         raise SystemExit(f"the responses need an 'aligned' row and {args.row!r}; rows: {sorted(rows)}")
     aligned, edit = rows["aligned"], rows[args.row]
+    missing = [k for k in edit if k not in aligned]
+    if missing:
+        raise SystemExit(f"{args.row}: {missing[0]} has no aligned verdict (responses of another run?)")
     said = collections.Counter(
         item["response"]
         for _, item in overlap.judged_items(args.responses)
         if item["row"] == "aligned" and item["refused"]
     )
+    if not said:
+        raise SystemExit("the aligned model refuses no prompt in these responses: no refusal to score")
     refusal = said.most_common(1)[0][0]
     keys = list(edit)
     values = refusal_strength(

@@ -307,3 +307,13 @@ def test_distill_benign_option_reaches_the_config_and_its_cache_key(monkeypatch,
     assert lab.main(["--distill-benign", "0"]) == 2
     assert "--distill-benign must be at least 1" in capsys.readouterr().err
     assert len(seen) == 1  # refused before any build
+
+
+def test_asking_to_distill_more_benign_prompts_than_there_are_is_refused():
+    usable = len(BENIGN) - 1  # one benign prompt is held out
+    assert (
+        len(lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg(n_distill_benign=usable)).distill)
+        > 0
+    )
+    with pytest.raises(FGSNError, match=f"only {usable} benign train prompts"):
+        lab.assemble_data(HARMFUL, BENIGN, UTILITY, HELDOUT, small_cfg(n_distill_benign=usable + 1))

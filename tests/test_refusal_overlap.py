@@ -99,15 +99,17 @@ def test_groups_auc_and_summary() -> None:
     assert sum(map(len, groups.values())) == 5  # h3: harmful the aligned model answers, in no group
     assert rm.auc([3.0, 2.0], [1.0, 2.0]) == pytest.approx(0.875)
     assert rm.auc([1.0], [1.0]) == 0.5
+    low, high = rm.auc_interval([3.0, 2.0, 2.5, 0.5], [1.0, 2.0, 0.0])
+    assert 0.0 <= low < rm.auc([3.0, 2.0, 2.5, 0.5], [1.0, 2.0, 0.0]) < high <= 1.0
+    assert rm.auc_interval([3.0, 4.0], [1.0, 2.0]) == (1.0, 1.0)  # separated in every resample
     with pytest.raises(ValueError):
         rm.auc([], [1.0])
     strength = {("harmful/a", "h1"): -0.1, ("harmful/a", "h2"): -0.5, ("benign", "b1"): -0.3}
     strength |= {("benign", "b2"): -0.9, ("benign", "b3"): -2.0}
     text = "\n".join(rm.summary(strength, groups))
     assert "| harmful, aligned refuses, edit answers | 1 | -0.50 |" in text
-    assert (
-        "| harmful, aligned refuses, edit answers vs benign, aligned refuses, edit answers | 1.00 |" in text
-    )
+    pair = "harmful, aligned refuses, edit answers vs benign, aligned refuses, edit answers"
+    assert f"| {pair} | 1.00 [1.00, 1.00] |" in text
 
 
 def test_refusal_strength_is_the_mean_token_log_probability(tmp_path: Path) -> None:

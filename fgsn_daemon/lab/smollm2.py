@@ -171,6 +171,11 @@ def assemble_data(
 
     harmful = usable([p for dim in sorted(harmful_train) for p in harmful_train[dim]])
     benign = usable(benign_train)
+    if cfg.n_distill_benign > len(benign):
+        # asking for more would build the same trio again under another cache key
+        raise FGSNError(
+            f"only {len(benign)} benign train prompts can be distilled (asked for {cfg.n_distill_benign})"
+        )
     util = [(p, a) for p, a in utility_train if norm_prompt(p) not in banned]
     util_prompts = usable([p for p, _ in util])
     distill = sample(benign, cfg.n_distill_benign, rng) + sample(util_prompts, cfg.n_distill_utility, rng)
