@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import random
 import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the verdict reader next to this file
+import refusal_overlap
 
 GROUPS = (
     ("harmful, aligned refuses, edit refuses", "harmful", True, True),
@@ -30,17 +32,6 @@ GROUPS = (
     ("benign, aligned refuses, edit answers", "benign", True, False),
     ("benign, aligned answers", "benign", False, None),
 )
-
-
-def load_overlap():
-    """The verdict reader of ``refusal_overlap.py`` next to this file (one reader for both)."""
-    path = Path(__file__).with_name("refusal_overlap.py")
-    spec = importlib.util.spec_from_file_location("refusal_overlap", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -138,8 +129,8 @@ def main() -> None:
     ap.add_argument("--row", required=True, help="the edited row whose verdicts split the groups")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    overlap = load_overlap()
-    rows = overlap.read_verdicts(args.responses)
+    items = list(refusal_overlap.judged_items(args.responses))  # each file read once
+    rows = refusal_overlap.read_verdicts(args.responses, items)
     if "aligned" not in rows or args.row not in rows:
         raise SystemExit(f"the responses need an 'aligned' row and {args.row!r}; rows: {sorted(rows)}")
     aligned, edit = rows["aligned"], rows[args.row]
@@ -147,9 +138,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{args.row}: {missing[0]} has no aligned verdict (responses of another run?)")
     said = collections.Counter(
-        item["response"]
-        for _, item in overlap.judged_items(args.responses)
-        if item["row"] == "aligned" and item["refused"]
+        item["response"] for _, item in items if item["row"] == "aligned" and item["refused"]
     )
     if not said:
         raise SystemExit("the aligned model refuses no prompt in these responses: no refusal to score")
@@ -164,11 +153,7 @@ def main() -> None:
     )
     lines = [f"Command: `{command}`", "", f"Refusal scored: {refusal!r}", ""]
     lines += summary(strength, grouped(aligned, edit))
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
-    else:
-        print(text, end="")
+    refusal_overlap.emit("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +46,13 @@ def judged_items(paths: list[Path]) -> Iterator[tuple[Path, dict]]:
                     yield path, item
 
 
-def read_verdicts(paths: list[Path]) -> dict[str, dict[tuple[str, str], bool]]:
-    """row -> (set, prompt) -> refused, over every file. A prompt judged twice for one row must get
-    the same verdict (the generation is greedy)."""
+def read_verdicts(
+    paths: list[Path], items: Iterable[tuple[Path, dict]] | None = None
+) -> dict[str, dict[tuple[str, str], bool]]:
+    """row -> (set, prompt) -> refused, over every file (or over ``items`` already read from them).
+    A prompt judged twice for one row must get the same verdict (the generation is greedy)."""
     rows: dict[str, dict[tuple[str, str], bool]] = {}
-    for path, item in judged_items(paths):
+    for path, item in judged_items(paths) if items is None else items:
         key = (item["set"], item["prompt"])
         verdicts = rows.setdefault(item["row"], {})
         if verdicts.setdefault(key, item["refused"]) != item["refused"]:
@@ -112,9 +114,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the table here (default: print it)")
     args = ap.parse_args()
     command = "python benchmarks/refusal_overlap.py " + " ".join(str(p) for p in args.responses)
-    text = table(overlaps(read_verdicts(args.responses)), command)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    emit(table(overlaps(read_verdicts(args.responses)), command), args.out)
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Write the table to ``out``, or print it."""
+    if out:
+        out.write_text(text, encoding="utf-8")
     else:
         print(text, end="")
 

@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "refusal_overlap", ROOT / "benchmarks" / "refusal_overlap.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def verdicts(row: str, refused: dict[str, bool]) -> list[dict]:
@@ -41,7 +27,7 @@ def write(path: Path, items: list[dict]) -> None:
 
 
 def test_counts_split_by_the_aligned_verdict(tmp_path: Path) -> None:
-    ov = load_script()
+    ov = load_benchmark("refusal_overlap")
     aligned = {"benign:a": True, "benign:b": True, "benign:c": False, "harmful:x": True, "harmful:y": False}
     edit = {"benign:a": True, "benign:b": False, "benign:c": True, "harmful:x": False, "harmful:y": False}
     utility = {"row": "edit", "split": "report", "set": "utility", "prompt": "u", "correct": True}
@@ -60,7 +46,7 @@ def test_counts_split_by_the_aligned_verdict(tmp_path: Path) -> None:
 
 
 def test_contradicting_or_missing_verdicts_are_errors(tmp_path: Path) -> None:
-    ov = load_script()
+    ov = load_benchmark("refusal_overlap")
     write(tmp_path / "a.jsonl", verdicts("aligned", {"benign:a": True}))
     write(tmp_path / "b.jsonl", verdicts("aligned", {"benign:a": False}))
     with pytest.raises(SystemExit, match="both ways"):
@@ -75,17 +61,8 @@ def test_contradicting_or_missing_verdicts_are_errors(tmp_path: Path) -> None:
         ov.overlaps(ov.read_verdicts([tmp_path / "d.jsonl"]))
 
 
-def load_margin():
-    spec = importlib.util.spec_from_file_location("refusal_margin", ROOT / "benchmarks" / "refusal_margin.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_groups_auc_and_summary() -> None:
-    rm = load_margin()
+    rm = load_benchmark("refusal_margin")
     aligned = {("harmful/a", "h1"): True, ("harmful/a", "h2"): True, ("harmful/a", "h3"): False}
     aligned |= {("benign", "b1"): True, ("benign", "b2"): True, ("benign", "b3"): False}
     edit = {("harmful/a", "h1"): True, ("harmful/a", "h2"): False, ("harmful/a", "h3"): False}
@@ -119,7 +96,7 @@ def test_refusal_strength_is_the_mean_token_log_probability(tmp_path: Path) -> N
     from fgsn_daemon.engine.activations import load_model, load_tokenizer
     from fgsn_daemon.engine.attribution import encode_targets
 
-    rm = load_margin()
+    rm = load_benchmark("refusal_margin")
     trio = make_trio(tmp_path, "llama")
     prompts, refusal = ["how to do a thing", "write a poem"], "i do not help"
     got = rm.refusal_strength(trio["aligned"], prompts, refusal, progress=lambda _: None)

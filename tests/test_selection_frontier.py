@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "selection_frontier", ROOT / "benchmarks" / "selection_frontier.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def row(
@@ -46,7 +32,7 @@ def study(path: Path, command: str, benign: int, rows: list[dict]) -> None:
 
 
 def test_points_are_labelled_deduplicated_and_checked_against_the_corner(tmp_path: Path) -> None:
-    fr = load_script()
+    fr = load_benchmark("selection_frontier")
     refs = [row("aligned", "reference", 0.05, 0.30), row("finetuned", "reference", 0.98, 0.0)]
     plain = {"hard": 0, "hard_positive": 0.0}
     study(
@@ -91,7 +77,7 @@ def test_points_are_labelled_deduplicated_and_checked_against_the_corner(tmp_pat
 
 
 def test_a_re_run_that_disagrees_and_other_options_are_not_merged(tmp_path: Path) -> None:
-    fr = load_script()
+    fr = load_benchmark("selection_frontier")
     assert fr.family_of("x --path-steps 5 --max-train-prompts 32 --calibration c.jsonl", {}) == (
         "integrated K=5, pooled, 32 train prompts per dimension, calibration c.jsonl"
     )

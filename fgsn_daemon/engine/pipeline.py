@@ -834,37 +834,43 @@ class Localiser:
                 self.params.use_chat_template,
             )
 
+        def penalise(pairs: list[tuple[str, str]], missed: list[str]) -> None:
+            """Add the effects on this round's refusals (hard) and misses (boost), at the model's
+            current weights."""
+            if pairs:
+                prompts, words = [p for p, _ in pairs], [a for _, a in pairs]
+                eff = self._effects(prompts, words, names, "hard negatives" + where, None, local)
+                for n in gain:
+                    hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+            if missed:
+                target = dict(zip(harmful, self.aligned_responses(harmful), strict=True))
+                words = [target[p] for p in missed]
+                eff = self._effects(missed, words, names, "hard positives" + where, None, local)
+                for n in gain:
+                    boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+
         for r in range(self.params.hard_rounds):
             with restored_in_memory(model, self.trio, masks=masks):
                 answers = answer(calibration)
                 harmful_answers = answer(harmful) if harmful else []
-            refused = KeywordJudge().judge(calibration, answers)
-            pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
-            stopped = KeywordJudge().judge(harmful, harmful_answers) if harmful else []
-            missed = [p for p, f in zip(harmful, stopped, strict=True) if not f]
-            trace = {"round": r + 1, "refused": len(pairs), "prompts": len(calibration)}
-            if harmful:
-                trace |= {"complied": len(missed), "harmful": len(harmful)}
-            self.hard_trace.append(trace)
-            self.progress(
-                f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused"
-                + (f"; {len(missed)} of {len(harmful)} harmful prompts still answered" if harmful else "")
-            )
-            if not pairs and not missed:
-                break
-            targets = dict(zip(harmful, self.aligned_responses(harmful), strict=True)) if missed else {}
-            with restored_in_memory(model, self.trio, masks=masks) if local else contextlib.nullcontext():
-                if pairs:
-                    prompts, words = [p for p, _ in pairs], [a for _, a in pairs]
-                    eff = self._effects(prompts, words, names, "hard negatives" + where, None, local)
-                    for n in gain:
-                        hard[n] = hard.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
-                if missed:
-                    eff = self._effects(
-                        missed, [targets[p] for p in missed], names, "hard positives" + where, None, local
-                    )
-                    for n in gain:
-                        boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
+                refused = KeywordJudge().judge(calibration, answers)
+                pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
+                stopped = KeywordJudge().judge(harmful, harmful_answers) if harmful else []
+                missed = [p for p, f in zip(harmful, stopped, strict=True) if not f]
+                trace = {"round": r + 1, "refused": len(pairs), "prompts": len(calibration)}
+                if harmful:
+                    trace |= {"complied": len(missed), "harmful": len(harmful)}
+                self.hard_trace.append(trace)
+                self.progress(
+                    f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused"
+                    + (f"; {len(missed)} of {len(harmful)} harmful prompts still answered" if harmful else "")
+                )
+                if not pairs and not missed:
+                    break
+                if local:  # at this round's edit, while it is in place (one restore per round)
+                    penalise(pairs, missed)
+            if not local:
+                penalise(pairs, missed)
             combined = {
                 n: self.params.hard_weight * hard.get(n, torch.zeros_like(gain[n]))
                 + (contrast * penalty[n] if penalty is not None else 0)
