@@ -63,6 +63,8 @@ def family_of(command: str, setting: dict) -> str:
         parts.append("hard negatives")
     if setting.get("hard") and setting.get("hard_at") == "edited":
         parts[-1] += " at the edit"
+    if setting.get("hard") and setting.get("hard_target") is not None:
+        parts[-1] += ", calibrated weight"
     return ", ".join(parts)
 
 

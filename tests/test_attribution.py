@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, make_trio
 
+from fgsn_daemon.core.errors import ConfigError
 from fgsn_daemon.engine.activations import load_model, load_tokenizer
 from fgsn_daemon.engine.attribution import delta_effects, encode_targets
 from fgsn_daemon.engine.io.checkpoint import Checkpoint
@@ -328,7 +329,9 @@ def test_hard_negative_rounds_penalise_the_entries_behind_calibration_refusals(t
         return [i % 2 == 0 for i in range(len(prompts))]
 
     monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
-    base = FGSNParams(scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0)
+    base = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0, hard_target=None
+    )
     models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
     one_shot = Localiser(models, base, torch.device("cpu"), BENIGN).localise_entries(HARMFUL)
     runs = []
@@ -389,7 +392,9 @@ def test_hard_rounds_at_the_edited_weights_take_their_gradient_there(trio, monke
     monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
     monkeypatch.setattr(delta_selection, "select_entries", spy)
     models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
-    base = FGSNParams(scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0)
+    base = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0, hard_target=None
+    )
     penalties = {}
     for where in ("finetuned", "edited"):
         calls.clear()
@@ -438,6 +443,72 @@ def test_hard_rounds_at_the_edited_weights_take_their_gradient_there(trio, monke
         torch.testing.assert_close(penalties["edited"][n], expected, atol=1e-4 * scale, rtol=1e-3)
         far = max(far, float((penalties["finetuned"][n] - expected).abs().max()) / scale)
     assert far > 1e-2  # the fine-tuned weights' effect is another quantity
+    models.close()
+
+
+def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeypatch):
+    """``hard_target``: the limit is the fine-tuned model's calibration refusal plus the target; a
+    round over it searches the weight with real edits and generations (the search is told a rate
+    that passes from weight 0.3 on), and the masks equal a fixed-weight run at the weight found. A
+    round already within the limit changes nothing."""
+    from fgsn_daemon.engine import delta_selection, refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+
+    calls = {"n": 0}
+    refuses_at_first = {"flag": False}
+
+    def judge(self, prompts, answers):  # the fine-tuned model (first call) refuses nothing
+        calls["n"] += 1
+        if calls["n"] == 1 and not refuses_at_first["flag"]:
+            return [False] * len(prompts)
+        return [i % 2 == 0 for i in range(len(prompts))]
+
+    searched: list[float] = []
+    real_search = delta_selection.calibrated_weight
+
+    def search(rate_at, start, limit, **kw):
+        def told(w):
+            searched.append(w)
+            assert 0.0 <= rate_at(w) <= 1.0  # a real edit, generation and judgement per weight
+            return 0.0 if w >= 0.3 else 0.5
+
+        return real_search(told, start, limit, **kw)
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
+    monkeypatch.setattr(delta_selection, "calibrated_weight", search)
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    base = FGSNParams(
+        scoring="attribution",
+        operator="restore",
+        unit="entry",
+        budget=2.0,
+        contrast=0.0,
+        hard_rounds=0,
+        hard_weight=0.05,
+        hard_target=None,
+    )
+    loc = Localiser(models, replace(base, hard_rounds=1, hard_target=10.0), torch.device("cpu"), BENIGN)
+    calibrated = loc.localise_entries(HARMFUL)
+    (trace,) = loc.hard_trace
+    assert trace["limit"] == pytest.approx(0.10)
+    assert [w for w, _ in trace["search"]] == pytest.approx(searched)
+    assert searched[:4] == pytest.approx([0.05, 0.1, 0.2, 0.4])
+    found = trace["weight"]
+    assert 0.3 <= found <= 0.3 * 2**0.25 and found in searched
+    calls["n"], refuses_at_first["flag"] = 0, True
+    fixed = Localiser(models, replace(base, hard_rounds=1, hard_weight=found), torch.device("cpu"), BENIGN)
+    at_found = fixed.localise_entries(HARMFUL)
+    assert all(torch.equal(calibrated[n], at_found[n]) for n in calibrated)
+    one_shot = Localiser(models, base, torch.device("cpu"), BENIGN).localise_entries(HARMFUL)
+    assert any(not torch.equal(calibrated[n], one_shot[n]) for n in one_shot)
+    # within the limit (the fine-tuned model refuses as often as the edit): no search, no change
+    calls["n"], searched[:] = 0, []
+    loc = Localiser(models, replace(base, hard_rounds=2, hard_target=0.0), torch.device("cpu"), BENIGN)
+    within = loc.localise_entries(HARMFUL)
+    assert searched == [] and len(loc.hard_trace) == 1 and "weight" not in loc.hard_trace[0]
+    assert all(torch.equal(within[n], one_shot[n]) for n in one_shot)
+    with pytest.raises(ConfigError, match="hard_weight > 0"):
+        replace(base, hard_rounds=1, hard_target=1.0, hard_weight=0.0).validate()
     models.close()
 
 

@@ -84,6 +84,8 @@ def test_apply_human_output_and_band_override(setup, tmp_path):
         (("--operator", "magic"), None, "unknown projection operator"),
         (("--band", "x"), None, "--band must look like START:END"),
         (("--q", "0"), None, "q must be in"),
+        (("--hard-target", "lots"), None, "--hard-target must be a number of points or 'off'"),
+        (("--hard-target", "-1"), None, "hard_target"),
     ],
 )
 def test_errors_are_clear_and_write_nothing(setup, tmp_path, extra, bad_file, message):

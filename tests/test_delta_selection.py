@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from fgsn_daemon.core.errors import ConfigError
 from fgsn_daemon.core.records import NeuronId
 from fgsn_daemon.core.stats import cluster_bootstrap_interval, paired_bootstrap_diff, wilson_interval
-from fgsn_daemon.engine.delta_selection import neurons_of_entries, select_entries, select_global
+from fgsn_daemon.engine.delta_selection import (
+    calibrated_weight,
+    neurons_of_entries,
+    select_entries,
+    select_global,
+)
 from fgsn_daemon.engine.scorings import NeuronScores
 
 
@@ -270,3 +275,39 @@ def test_union_gives_each_dimension_its_own_best_entry():
     quiet = {"w": torch.tensor([[0.0, 0.0, 0.0, 0.05]])}
     masks = select_entries_union([loud, quiet], {"w": torch.zeros(1, 4)}, 2, 0.0)
     assert masks["w"].tolist() == [[True, False, False, True]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    threshold=st.floats(1e-3, 10.0),
+    start=st.floats(1e-3, 10.0),
+)
+def test_calibrated_weight_finds_the_smallest_passing_weight_within_the_bisection(threshold, start):
+    """A rate that falls through the limit at ``threshold``: the search returns a weight it tried;
+    whenever six halvings or doublings reach the threshold, that weight passes, no smaller weight
+    tried passed, and two log-space bisections bring it within a factor 2^(1/4) of the threshold."""
+
+    def rate(w: float) -> float:
+        return 0.02 if w >= threshold else 0.5
+
+    weight, tried = calibrated_weight(rate, start, limit=0.05)
+    assert (weight, rate(weight)) in tried
+    ladder_reach = start / 2**6 <= threshold <= start * 2**6
+    if ladder_reach:
+        assert threshold <= weight <= threshold * 2 ** (1 / 4) * (1 + 1e-9)
+        # nothing smaller that was tried passed
+        assert all(r > 0.05 for w, r in tried if w < weight)
+    assert len(tried) <= 1 + 6 + 2
+
+
+def test_calibrated_weight_without_a_passing_weight_returns_the_least_refusing_and_refuses_zero():
+    rates = {0.1: 0.4, 0.2: 0.3, 0.4: 0.3, 0.8: 0.35}
+
+    def rate(w: float) -> float:
+        return rates.get(round(w, 6), 0.9)
+
+    weight, tried = calibrated_weight(rate, 0.1, limit=0.05, max_moves=3)
+    assert [w for w, _ in tried] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert weight == pytest.approx(0.2)  # the lowest rate; the smaller weight on a tie
+    with pytest.raises(ConfigError, match="hard_weight > 0"):
+        calibrated_weight(rate, 0.0, limit=0.05)

@@ -46,6 +46,9 @@ def test_grid_items_carry_every_optional_field() -> None:
     assert (edited.hard, edited.hard_weight, edited.hard_positive, edited.hard_at) == (2, 0.1, 0.5, "edited")
     assert edited.name == "attribution/entry/0.5%/all/p0/c1/hard2x0.1+pos0.5@edited"
     assert boosted.hard_at == "finetuned"
+    calibrated = parse_grid("entry:0.5:all:0:c1:h1x0.05:t2")[0]
+    assert (calibrated.hard_weight, calibrated.hard_target, boosted.hard_target) == (0.05, 2.0, None)
+    assert calibrated.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05~t2"
     with pytest.raises(ConfigError, match="grid item"):
         parse_grid("entry:0.3:all:0:hbad")
 

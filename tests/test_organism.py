@@ -43,6 +43,7 @@ def test_default_beats_random_entries_and_the_old_default_on_the_tiny_lora_organ
         penalty=preset["contrast_kind"],
         hard=preset["hard_rounds"],
         hard_weight=preset["hard_weight"],
+        hard_target=preset.get("hard_target"),
     )
     assert contrasted.contrast > 0  # the default preset uses the contrast
     cfg = StudyConfig(

@@ -253,6 +253,7 @@ def test_engine_params_carry_every_configured_field() -> None:
         "hard_weight": 0.5,
         "hard_positive_weight": 0.25,
         "hard_at": "edited",
+        "hard_target": 2.5,
         "path_steps": 3,
         "calibration_max": 17,
         "contrast_kind": "odds",
@@ -305,3 +306,6 @@ def test_the_integrated_preset_fills_the_path_integrated_setting_and_flags_still
     assert override.path_steps == 5 and override.contrast == 0.78
     default = engine_params(load_settings(None, {}))
     assert default.path_steps == 1  # the default preset stays first order
+    assert default.hard_target == 1.0  # the default calibrates its hard weight
+    fixed = engine_params(load_settings(None, {"params": {"hard_target": "off"}}))  # TOML has no null
+    assert fixed.hard_target is None and fixed.hard_weight == 0.05

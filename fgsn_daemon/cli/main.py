@@ -107,6 +107,13 @@ def apply(
         str | None,
         typer.Option(help="hard rounds' gradients: finetuned (as the scores) | edited (the round's edit)"),
     ] = None,
+    hard_target: Annotated[
+        str | None,
+        typer.Option(
+            help="search the hard weight per round: at most this many points of calibration refusal "
+            "above the fine-tuned model's; 'off' keeps the fixed --hard-weight"
+        ),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="attribution entries: iterative selection in this many steps")
     ] = None,
@@ -159,6 +166,14 @@ def apply(
             "contrast_kind": contrast_kind,
         }
         chosen = {k: v for k, v in given.items() if v is not None}
+        if hard_target is not None:  # "off" is an explicit None: the fixed hard weight
+            off = hard_target.strip().lower() in ("off", "none")
+            try:
+                chosen["hard_target"] = None if off else float(hard_target)
+            except ValueError:
+                raise ConfigError(
+                    f"--hard-target must be a number of points or 'off' (got {hard_target!r})"
+                ) from None
         if chosen.get("operator", "restore") != "restore" and "unit" not in chosen:
             chosen["unit"] = "neuron"  # entry units are restored; another operator means neurons
         params = FGSNParams(

@@ -4,12 +4,15 @@ settings, ``fgsn apply`` and the experiment harnesses all read them.
 - ``attribution`` (delta attribution; README "Efficacy"): single weight entries whose revert to the
   aligned value most lowers the refusal loss, ranked over all layers by gain − 1 × the refusal
   contrast (how much reverting the entry brings refusal back on benign prompts), under a global
-  budget of 0.5 % of the parameters, then one round of over-refusal hard negatives (weight 0.05: the
-  entries behind the benign prompts the edited model refuses are penalised and the budget selected
-  again). Chosen on the SmolLM2 trio's selection half (over-refusal measured on held-out-phrase
-  benign prompts) by the declared rule (``efficacy.choose_setting``): the lowest ASR among the
-  settings within 5 points of the fine-tuned over-refusal and 2 points of its utility (none reached
-  the aligned ASR + 5).
+  budget of 0.5 % of the parameters, then one round of over-refusal hard negatives (the entries
+  behind the benign calibration prompts the edited model refuses are penalised and the budget
+  selected again) whose weight calibrates itself: the smallest weight, searched from 0.05, whose
+  edit refuses at most 1 point more calibration prompts than the fine-tuned model. Chosen on the
+  SmolLM2 trio's selection half (over-refusal measured on held-out-phrase benign prompts) by the
+  declared rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points of
+  the fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5). The
+  search finds 0.05 there (the fixed weight chosen before) and 0.2 on a second build of the trio,
+  where the fixed 0.05 over-refused by 27 points (README "A self-calibrating hard weight").
 - ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
   and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
 - ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
@@ -38,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 1,
         "hard_rounds": 1,
         "hard_weight": 0.05,
+        "hard_target": 1.0,
     },
     "activation": {
         "scoring": "contrast",
@@ -111,6 +115,9 @@ CALIBRATION_MAX = 200
 HARD_POSITIVE_WEIGHT: float = _DEFAULT.get("hard_positive_weight", 0.0)
 # where the hard rounds take their gradients: finetuned (as the scores) | edited (the round's edit)
 HARD_AT: str = _DEFAULT.get("hard_at", "finetuned")
+# self-calibrating hard weight: points of calibration refusal above the fine-tuned model's that the
+# hard rounds' weight search aims for (None: the fixed hard_weight)
+HARD_TARGET: float | None = _DEFAULT.get("hard_target")
 # attribution: points on the path from the fine-tuned to the aligned weights where the gradients are
 # taken (1 = first order at the fine-tuned weights; k > 1 = integrated gradients, k midpoints)
 PATH_STEPS: int = _DEFAULT.get("path_steps", 1)

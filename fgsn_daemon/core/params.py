@@ -58,6 +58,12 @@ class FGSNFields(BaseModel):
         default=defaults.HARD_POSITIVE_WEIGHT, ge=0, le=100, description="hard positives' weight"
     )
     hard_at: Literal["finetuned", "edited"] = defaults.HARD_AT  # type: ignore[assignment]
+    hard_target: float | None = Field(
+        default=defaults.HARD_TARGET,
+        ge=0,
+        le=100,
+        description="calibrated hard weight: refusal target (points)",
+    )
     path_steps: int = Field(
         default=defaults.PATH_STEPS, ge=1, le=32, description="attribution: gradient points along the revert"
     )
@@ -85,6 +91,14 @@ class FGSNFields(BaseModel):
     def _unique_spaces(cls, value: list[Space]) -> list[Space]:
         if len(set(value)) != len(value):
             raise ValueError("spaces must not repeat")
+        return value
+
+    @field_validator("hard_target", mode="before")
+    @classmethod
+    def _hard_target_off(cls, value: object) -> object:
+        # TOML has no null: "off" keeps the fixed hard_weight
+        if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+            return None
         return value
 
     @field_validator("band")

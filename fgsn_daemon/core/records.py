@@ -117,6 +117,7 @@ class ApplyParams(_Record):
     hard_weight: float = 0.0
     hard_positive_weight: float = 0.0
     hard_at: str = "finetuned"  # recorded before the option existed: finetuned
+    hard_target: float | None = None  # None: the fixed hard_weight (or recorded before the option)
     calibration_max: int | None = None  # None: recorded before the cap existed
     path_steps: int = 1
     target_tokens: int | None = None  # None: recorded before the target length was recorded

@@ -257,3 +257,57 @@ def neurons_of_entries(
             key = NeuronId(layer, space, idx)
             out[key] = out.get(key, 0) + int(per_unit[idx])
     return out
+
+
+def calibrated_weight(
+    rate_at: Callable[[float], float],
+    start: float,
+    limit: float,
+    max_moves: int = 6,
+    refine: int = 2,
+) -> tuple[float, list[tuple[float, float]]]:
+    """The smallest hard-negative weight whose edit keeps the calibration refusal rate within
+    ``limit``: from ``start``, halve while the rate stays within it (or double until it does), at
+    most ``max_moves`` times, then ``refine`` bisections in log space between the last weight over
+    the limit and the first within it. A smaller weight leaves more of the budget to the harmful
+    gain, so the smallest passing weight spends the over-refusal allowance on safety.
+
+    Returns the weight and every (weight, rate) tried, in order. If no weight tried is within the
+    limit, the one with the lowest rate (the smaller on a tie) is returned."""
+    if start <= 0:
+        raise ConfigError(f"the calibrated hard weight starts from hard_weight > 0 (got {start})")
+    tried: list[tuple[float, float]] = []
+
+    def within(weight: float) -> bool:
+        rate = rate_at(weight)
+        tried.append((weight, rate))
+        return rate <= limit + 1e-12
+
+    passing: float | None = start if within(start) else None
+    failing: float | None = None if passing is not None else start
+    for _ in range(max_moves):
+        if passing is not None and failing is not None:
+            break
+        if passing is not None:  # within the limit: try a smaller weight
+            weight = passing / 2
+            if within(weight):
+                passing = weight
+            else:
+                failing = weight
+        else:
+            assert failing is not None
+            weight = failing * 2
+            if within(weight):
+                passing = weight
+            else:
+                failing = weight
+    if passing is None:
+        return min(tried, key=lambda t: (t[1], t[0]))[0], tried
+    if failing is not None:
+        for _ in range(refine):
+            weight = math.sqrt(failing * passing)
+            if within(weight):
+                passing = weight
+            else:
+                failing = weight
+    return passing, tried

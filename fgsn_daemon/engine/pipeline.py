@@ -120,6 +120,11 @@ class FGSNParams:
     # fine-tuned weights, as the scores) or "edited" (first order at the round's edited weights:
     # the entries behind the refusals the edit itself causes, with the other chosen entries in)
     hard_at: str = defaults.HARD_AT
+    # self-calibrating hard weight: per round, search the smallest weight (from hard_weight, halving
+    # or doubling, then bisecting) whose edit refuses at most this many points more calibration
+    # prompts than the fine-tuned model; a round whose edit is already within it changes nothing.
+    # None = the fixed hard_weight
+    hard_target: float | None = defaults.HARD_TARGET
     # attribution: the effects are the mean of the gradients at this many points along the straight
     # path from the current weights to the reverted ones (integrated gradients; 1 = first order at
     # the current weights). Costs that many backward passes per prompt.
@@ -166,6 +171,8 @@ class FGSNParams:
             )
         if self.guard_prompts < 1:
             raise ConfigError(f"guard_prompts must be >= 1 (got {self.guard_prompts})")
+        if self.hard_rounds and self.hard_target is not None and self.hard_weight <= 0:
+            raise ConfigError("hard_target searches the hard weight from hard_weight: set hard_weight > 0")
 
     def record(self) -> ApplyParams:
         """What a revision records: every field of the record model, read from these parameters
@@ -346,12 +353,14 @@ class Localiser:
     _benign_effects: tuple[Any, Any] | None = None
     _refusals: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     _ft_answers: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    # the fine-tuned model's refusal rate on a calibration set (hard_target's reference)
+    _calibration_refusal: dict[tuple[str, ...], float] = field(default_factory=dict)
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
     placement: Placement | None = None  # spread the models over devices (accelerate device_map)
     # benign prompts the hard-negative rounds check for refusals (None: the benign prompts)
     calibration_prompts: Sequence[str] | None = None
-    hard_trace: list[dict[str, int]] = field(default_factory=list)
+    hard_trace: list[dict[str, Any]] = field(default_factory=list)
     # harmful prompts whose aligned refusals are the refusal contrast's targets for every dimension
     # (None: each dimension's own). A fixed per-lineage set makes the contrast's backward passes a
     # lineage cost, like the benign ones, instead of a per-dimension one.
@@ -800,7 +809,10 @@ class Localiser:
         refuses, add ``hard_weight`` × the first-order effect of reverting each entry on *those*
         refusals (the edited model's own words; gradients at the fine-tuned weights, or first order at
         the round's edited weights with ``hard_at = "edited"``) to the penalty, select again at the
-        same budget; ``hard_rounds`` times, or until none is refused.
+        same budget; ``hard_rounds`` times, or until none is refused. With ``hard_target``, the weight
+        is searched per round (``calibrated_weight``): the smallest whose edit refuses at most that
+        many points more calibration prompts than the fine-tuned model, and the rounds stop once
+        the edit is within it.
 
         With ``hard_positive_weight`` > 0, the same rounds also look for the dimension's harmful
         ``harmful_prompts`` the edited model still answers, and add that weight × the gain on *their*
@@ -808,7 +820,7 @@ class Localiser:
 
         Depends only on the immutable inputs, this dimension's prompts and the shared calibration
         set, so rollback stays exact."""
-        from fgsn_daemon.engine.delta_selection import select_entries
+        from fgsn_daemon.engine.delta_selection import calibrated_weight, select_entries
         from fgsn_daemon.engine.evaluation import generate_responses
         from fgsn_daemon.engine.refusal import KeywordJudge
 
@@ -849,6 +861,30 @@ class Localiser:
                 for n in gain:
                     boost[n] = boost.get(n, torch.zeros_like(gain[n])) - eff.entries[n]
 
+        def refusal_share(answers: Sequence[str]) -> float:
+            return sum(KeywordJudge().judge(calibration, list(answers))) / max(1, len(calibration))
+
+        def masks_for(w: float, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """The selection with the hard penalty at weight ``w`` (plus the contrast's)."""
+            combined = {
+                n: w * hard.get(n, torch.zeros_like(gain[n]))
+                + (contrast * penalty[n] if penalty is not None else 0)
+                for n in gain
+            }
+            return select_entries(gains, cost, budget, self.params.p, combined, 1.0)
+
+        def calibration_limit() -> float | None:
+            """The fine-tuned model's own calibration refusal plus the target (answered once per
+            calibration set and kept: every dimension of a lineage shares it)."""
+            if self.params.hard_target is None:
+                return None
+            key = tuple(calibration)
+            if key not in self._calibration_refusal:
+                self._calibration_refusal[key] = refusal_share(answer(calibration))
+            return self._calibration_refusal[key] + self.params.hard_target / 100.0
+
+        limit = calibration_limit()  # before any edit is in place
+        weight = self.params.hard_weight
         for r in range(self.params.hard_rounds):
             with restored_in_memory(model, self.trio, masks=masks):
                 answers = answer(calibration)
@@ -865,21 +901,30 @@ class Localiser:
                     f"hard negatives, round {r + 1}: {len(pairs)} of {len(calibration)} refused"
                     + (f"; {len(missed)} of {len(harmful)} harmful prompts still answered" if harmful else "")
                 )
+                if limit is not None and len(pairs) / max(1, len(calibration)) <= limit + 1e-12:
+                    pairs = []  # within the target: these refusals need no penalty
+                    trace["limit"] = limit
                 if not pairs and not missed:
                     break
                 if local:  # at this round's edit, while it is in place (one restore per round)
                     penalise(pairs, missed)
             if not local:
                 penalise(pairs, missed)
-            combined = {
-                n: self.params.hard_weight * hard.get(n, torch.zeros_like(gain[n]))
-                + (contrast * penalty[n] if penalty is not None else 0)
-                for n in gain
-            }
             boosted = (
                 {n: gain[n] + self.params.hard_positive_weight * boost[n] for n in gain} if boost else gain
             )
-            masks = select_entries(boosted, cost, budget, self.params.p, combined, 1.0)
+
+            if limit is not None and hard:
+
+                def rate_at(w: float, gains: Mapping[str, torch.Tensor] = boosted) -> float:
+                    with restored_in_memory(model, self.trio, masks=masks_for(w, gains)):
+                        rate = refusal_share(answer(calibration))
+                    self.progress(f"hard weight {w:.4g}: calibration refusal {rate:.3f} (limit {limit:.3f})")
+                    return rate
+
+                weight, tried = calibrated_weight(rate_at, weight, limit)
+                self.hard_trace[-1] |= {"limit": limit, "weight": weight, "search": tried}
+            masks = masks_for(weight, boosted)
         return masks
 
     def iterative_entry_masks(

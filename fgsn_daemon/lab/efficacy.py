@@ -348,6 +348,7 @@ class Setting:
     hard_weight: float = 0.0
     hard_positive: float = 0.0  # in those rounds: weight of the harmful prompts still answered
     hard_at: str = "finetuned"  # where those rounds take their gradients (engine's hard_at)
+    hard_target: float | None = None  # calibrated hard weight: refusal target, points (engine's)
 
     @property
     def name(self) -> str:
@@ -359,6 +360,7 @@ class Setting:
         hard = f"/hard{self.hard}x{self.hard_weight:g}" if self.hard else ""
         hard += f"+pos{self.hard_positive:g}" if self.hard and self.hard_positive else ""
         hard += "@edited" if self.hard and self.hard_at == "edited" else ""
+        hard += f"~t{self.hard_target:g}" if self.hard and self.hard_target is not None else ""
         return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}"
 
 
@@ -694,6 +696,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                         calibration_max=calibration_max(cfg, loc.calibration_prompts),
                         hard_positive_weight=st.hard_positive,
                         hard_at=st.hard_at,
+                        hard_target=st.hard_target,
                     )
                     masks = loc.hard_negative_masks(masks, gain, cost, penalty, budget, sorted(gain), pooled)
                     extra["hard_trace"] = list(loc.hard_trace)
@@ -900,6 +903,7 @@ def run_continual(
             calibration_max=calibration_max(cfg, calibration),
             hard_positive_weight=setting.hard_positive,
             hard_at=setting.hard_at,
+            hard_target=setting.hard_target,
             path_steps=cfg.path_steps,
         )
         # as the daemon: the contrast's refusal targets come from the lineage's reference set
@@ -1204,17 +1208,20 @@ def parse_grid(text: str) -> list[Setting]:
     """``UNIT:BUDGET:SCOPE:P`` then optional fields: ``GUARD`` (points), ``cCONTRAST`` (refusal
     contrast), ``oCONTRAST`` (log-odds contrast) or ``aCONTRAST`` (aligned over-refusals), ``sSTEPS``
     (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives; ``hROUNDSxWEIGHTe``: their
-    gradients at the round's edited weights), ``rWEIGHT`` (hard positives in those rounds: the harmful
-    scoring prompts the edit still answers)."""
+    gradients at the round's edited weights), ``tPOINTS`` (those rounds search their weight, from
+    WEIGHT, for a calibration refusal at most POINTS above the fine-tuned model's), ``rWEIGHT`` (hard
+    positives in those rounds: the harmful scoring prompts the edit still answers)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
             guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
-            hard_positive, hard_at = 0.0, "finetuned"
+            hard_positive, hard_at, hard_target = 0.0, "finetuned", None
             for field_ in extra:
                 if field_.startswith("r"):
                     hard_positive = float(field_[1:])
+                elif field_.startswith("t"):
+                    hard_target = float(field_[1:])
                 elif field_.startswith("s"):
                     steps = int(field_[1:])
                 elif field_.startswith("h"):
@@ -1241,6 +1248,7 @@ def parse_grid(text: str) -> list[Setting]:
                     hard_weight,
                     hard_positive,
                     hard_at,
+                    hard_target,
                 )
             )
         except ValueError:
