@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, make_trio
 
-from fgsn_daemon.core.errors import ConfigError
 from fgsn_daemon.engine.activations import load_model, load_tokenizer
 from fgsn_daemon.engine.attribution import delta_effects, encode_targets
 from fgsn_daemon.engine.io.checkpoint import Checkpoint
@@ -450,7 +449,8 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     """``hard_target``: the limit is the fine-tuned model's calibration refusal plus the target; a
     round over it searches the weight with real edits and generations (the search is told a rate
     that passes from weight 0.3 on), and the masks equal a fixed-weight run at the weight found. A
-    round already within the limit changes nothing."""
+    round already within the limit, or a hard weight of 0, changes nothing; the model is left at its
+    fine-tuned weights. (With contrast 0, the first judged answers are the fine-tuned model's.)"""
     from fgsn_daemon.engine import delta_selection, refusal
     from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
 
@@ -469,7 +469,9 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     def search(rate_at, start, limit, **kw):
         def told(w):
             searched.append(w)
-            assert 0.0 <= rate_at(w) <= 1.0  # a real edit, generation and judgement per weight
+            before = calls["n"]
+            rate_at(w)  # a real edit, generation and judgement per weight
+            assert calls["n"] == before + 1
             return 0.0 if w >= 0.3 else 0.5
 
         return real_search(told, start, limit, **kw)
@@ -494,7 +496,11 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     assert [w for w, _ in trace["search"]] == pytest.approx(searched)
     assert searched[:4] == pytest.approx([0.05, 0.1, 0.2, 0.4])
     found = trace["weight"]
-    assert 0.3 <= found <= 0.3 * 2**0.25 and found in searched
+    assert 0.3 <= found <= 0.3 * 2**0.25 and found in searched and trace["within"]
+    ft = Checkpoint(trio["finetuned"])
+    params = dict(loc._finetuned().named_parameters())
+    assert all(torch.equal(params[n].detach(), ft.read(n).to(params[n].dtype)) for n in calibrated)
+    ft.close()
     calls["n"], refuses_at_first["flag"] = 0, True
     fixed = Localiser(models, replace(base, hard_rounds=1, hard_weight=found), torch.device("cpu"), BENIGN)
     at_found = fixed.localise_entries(HARMFUL)
@@ -507,8 +513,13 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     within = loc.localise_entries(HARMFUL)
     assert searched == [] and len(loc.hard_trace) == 1 and "weight" not in loc.hard_trace[0]
     assert all(torch.equal(within[n], one_shot[n]) for n in one_shot)
-    with pytest.raises(ConfigError, match="hard_weight > 0"):
-        replace(base, hard_rounds=1, hard_target=1.0, hard_weight=0.0).validate()
+    calls["n"], refuses_at_first["flag"] = 0, False
+    loc = Localiser(
+        models, replace(base, hard_rounds=1, hard_target=1.0, hard_weight=0.0), torch.device("cpu"), BENIGN
+    )
+    unweighted = loc.localise_entries(HARMFUL)
+    assert searched == [] and loc.hard_trace[0]["refused"] > 0
+    assert all(torch.equal(unweighted[n], one_shot[n]) for n in one_shot)
     models.close()
 
 

@@ -98,7 +98,10 @@ def apply(
     hard_rounds: Annotated[
         int | None, typer.Option(help="entries: over-refusal hard-negative rounds on the benign prompts")
     ] = None,
-    hard_weight: Annotated[float | None, typer.Option(help="weight of the hard-negative penalty")] = None,
+    hard_weight: Annotated[
+        float | None,
+        typer.Option(help="weight of the hard-negative penalty; with --hard-target, where its search starts"),
+    ] = None,
     hard_positive_weight: Annotated[
         float | None,
         typer.Option(help="in the hard-negative rounds: weight of the harmful prompts still answered"),

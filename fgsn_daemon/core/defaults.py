@@ -7,12 +7,15 @@ settings, ``fgsn apply`` and the experiment harnesses all read them.
   budget of 0.5 % of the parameters, then one round of over-refusal hard negatives (the entries
   behind the benign calibration prompts the edited model refuses are penalised and the budget
   selected again) whose weight calibrates itself: the smallest weight, searched from 0.05, whose
-  edit refuses at most 1 point more calibration prompts than the fine-tuned model. Chosen on the
-  SmolLM2 trio's selection half (over-refusal measured on held-out-phrase benign prompts) by the
-  declared rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points of
-  the fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5). The
-  search finds 0.05 there (the fixed weight chosen before) and 0.2 on a second build of the trio,
-  where the fixed 0.05 over-refused by 27 points (README "A self-calibrating hard weight").
+  edit refuses at most 1 point more calibration prompts than the fine-tuned model (no hard
+  negatives when the first selection is already within it). The setting was chosen on the SmolLM2
+  trio's selection half (over-refusal measured on held-out-phrase benign prompts) by the declared
+  rule (``efficacy.choose_setting``): the lowest ASR among the settings within 5 points of the
+  fine-tuned over-refusal and 2 points of its utility (none reached the aligned ASR + 5), with the
+  fixed weight 0.05. The target of 1 point was then chosen by the same limits over two builds of
+  the trio: its search finds 0.05 on the first and 0.2 on the second, where the fixed 0.05
+  over-refused by 27 points; 2 points over-refused on the first (README "A self-calibrating hard
+  weight").
 - ``activation``: the previous default (contrast scoring, restore, q = 10 % per band layer over MLP
   and attention neurons), chosen on the tiny organism; no better than random units on SmolLM2.
 - ``paper``: the FGSN paper's reading (Wanda scores, Safe-LoRA operator, q = p = 5 %, MLP neurons).
@@ -59,6 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 1,
         "hard_rounds": 0,
         "hard_weight": 0.05,
+        "hard_target": None,
     },
     "paper": {
         "scoring": "wanda",
@@ -76,13 +80,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 1,
         "hard_rounds": 0,
         "hard_weight": 0.05,
+        "hard_target": None,
     },
 }
 # the path-integrated score (README "Path-integrated attribution"): the declared rule's pick on the
 # LoRA trio's selection half among the integrated settings; it repairs the benign-only fine-tune
 # (100 → 34 % ASR on the report half) where the default cannot, but loses on the full fine-tune
 # and the tiny organism, and costs path_steps backward passes per prompt
-PRESETS["integrated"] = {**PRESETS["attribution"], "contrast": 0.78, "hard_rounds": 0, "path_steps": 3}
+PRESETS["integrated"] = {
+    **PRESETS["attribution"],
+    "contrast": 0.78,
+    "hard_rounds": 0,
+    "hard_target": None,
+    "path_steps": 3,
+}
 DEFAULT_PRESET = "attribution"
 
 

@@ -122,8 +122,9 @@ class FGSNParams:
     hard_at: str = defaults.HARD_AT
     # self-calibrating hard weight: per round, search the smallest weight (from hard_weight, halving
     # or doubling, then bisecting) whose edit refuses at most this many points more calibration
-    # prompts than the fine-tuned model; a round whose edit is already within it changes nothing.
-    # None = the fixed hard_weight
+    # prompts than the fine-tuned model; a round whose edit is already within it adds no hard
+    # negatives (hard positives still apply). None = the fixed hard_weight; hard_weight 0 = no hard
+    # negatives, nothing to search
     hard_target: float | None = defaults.HARD_TARGET
     # attribution: the effects are the mean of the gradients at this many points along the straight
     # path from the current weights to the reverted ones (integrated gradients; 1 = first order at
@@ -171,8 +172,6 @@ class FGSNParams:
             )
         if self.guard_prompts < 1:
             raise ConfigError(f"guard_prompts must be >= 1 (got {self.guard_prompts})")
-        if self.hard_rounds and self.hard_target is not None and self.hard_weight <= 0:
-            raise ConfigError("hard_target searches the hard weight from hard_weight: set hard_weight > 0")
 
     def record(self) -> ApplyParams:
         """What a revision records: every field of the record model, read from these parameters
@@ -811,8 +810,9 @@ class Localiser:
         the round's edited weights with ``hard_at = "edited"``) to the penalty, select again at the
         same budget; ``hard_rounds`` times, or until none is refused. With ``hard_target``, the weight
         is searched per round (``calibrated_weight``): the smallest whose edit refuses at most that
-        many points more calibration prompts than the fine-tuned model, and the rounds stop once
-        the edit is within it.
+        many points more calibration prompts than the fine-tuned model. A round whose edit is within
+        it adds no hard negatives (hard positives still apply). If no weight tried is within it and
+        the best refuses no less than the round's own edit, the round keeps its edit.
 
         With ``hard_positive_weight`` > 0, the same rounds also look for the dimension's harmful
         ``harmful_prompts`` the edited model still answers, and add that weight × the gain on *their*
@@ -914,7 +914,7 @@ class Localiser:
                 {n: gain[n] + self.params.hard_positive_weight * boost[n] for n in gain} if boost else gain
             )
 
-            if limit is not None and hard:
+            if limit is not None and hard and weight > 0:
 
                 def rate_at(w: float, gains: Mapping[str, torch.Tensor] = boosted) -> float:
                     with restored_in_memory(model, self.trio, masks=masks_for(w, gains)):
@@ -923,7 +923,12 @@ class Localiser:
                     return rate
 
                 weight, tried = calibrated_weight(rate_at, weight, limit)
-                self.hard_trace[-1] |= {"limit": limit, "weight": weight, "search": tried}
+                rate = dict(tried)[weight]
+                within = rate <= limit + 1e-12
+                self.hard_trace[-1] |= {"limit": limit, "weight": weight, "search": tried, "within": within}
+                if not within and rate >= len(pairs) / max(1, len(calibration)) and not boost:
+                    self.hard_trace[-1]["kept"] = True  # no weight helped: keep the round's own edit
+                    break
             masks = masks_for(weight, boosted)
         return masks
 
