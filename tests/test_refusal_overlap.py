@@ -105,7 +105,8 @@ def test_refusal_strength_is_the_mean_token_log_probability(tmp_path: Path) -> N
     for value, (ids, n_prompt) in zip(
         got, encode_targets(tokenizer, prompts, [refusal] * 2, 512), strict=True
     ):
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
         targets = nll[max(n_prompt - 1, 0) :]
         assert value == pytest.approx(-float(targets.mean()), abs=1e-4)
