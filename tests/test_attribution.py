@@ -464,6 +464,7 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
         return [i % 2 == 0 for i in range(len(prompts))]
 
     searched: list[float] = []
+    nothing_helps = {"flag": False}
     real_search = delta_selection.calibrated_weight
 
     def search(rate_at, start, limit, **kw):
@@ -472,6 +473,8 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
             before = calls["n"]
             rate_at(w)  # a real edit, generation and judgement per weight
             assert calls["n"] == before + 1
+            if nothing_helps["flag"]:
+                return 0.9
             return 0.0 if w >= 0.3 else 0.5
 
         return real_search(told, start, limit, **kw)
@@ -513,7 +516,13 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     within = loc.localise_entries(HARMFUL)
     assert searched == [] and len(loc.hard_trace) == 1 and "weight" not in loc.hard_trace[0]
     assert all(torch.equal(within[n], one_shot[n]) for n in one_shot)
-    calls["n"], refuses_at_first["flag"] = 0, False
+    # no weight gets within the target and every one refuses more than the round's own edit: keep it
+    calls["n"], refuses_at_first["flag"], nothing_helps["flag"] = 0, False, True
+    loc = Localiser(models, replace(base, hard_rounds=2, hard_target=1.0), torch.device("cpu"), BENIGN)
+    kept = loc.localise_entries(HARMFUL)
+    assert len(loc.hard_trace) == 1 and loc.hard_trace[0]["kept"] and not loc.hard_trace[0]["within"]
+    assert len(searched) == 7 and all(torch.equal(kept[n], one_shot[n]) for n in one_shot)
+    calls["n"], searched[:] = 0, []
     loc = Localiser(
         models, replace(base, hard_rounds=1, hard_target=1.0, hard_weight=0.0), torch.device("cpu"), BENIGN
     )
