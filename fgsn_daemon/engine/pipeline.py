@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -789,7 +790,10 @@ class Localiser:
             return select_entries(gain, cost, budget, self.params.p, penalty, self.params.contrast)
 
         budget = self.guarded_budget(self.budget_parameters(), masks_at=masks_at)
+        started = time.perf_counter()
         masks = masks_at(budget)
+        # the trace separates the global ranking from the hard rounds' generations (GPU runs)
+        self.progress(f"entry selection: {budget} entries ranked in {time.perf_counter() - started:.1f} s")
         if self.params.hard_rounds:
             masks = self.hard_negative_masks(masks, gain, cost, penalty, budget, names, harmful_prompts)
         return masks
