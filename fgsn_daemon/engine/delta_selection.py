@@ -288,19 +288,12 @@ def calibrated_weight(
     for _ in range(max_moves):
         if passing is not None and failing is not None:
             break
-        if passing is not None:  # within the limit: try a smaller weight
-            weight = passing / 2
-            if within(weight):
-                passing = weight
-            else:
-                failing = weight
+        # within the limit: try a smaller weight; over it: a larger one
+        weight = passing / 2 if passing is not None else 2 * failing  # type: ignore[operator]
+        if within(weight):
+            passing = weight
         else:
-            assert failing is not None
-            weight = failing * 2
-            if within(weight):
-                passing = weight
-            else:
-                failing = weight
+            failing = weight
     if passing is None:
         return min(tried, key=lambda t: (t[1], t[0]))[0], tried
     if failing is not None:

@@ -353,8 +353,6 @@ class Localiser:
     _benign_effects: tuple[Any, Any] | None = None
     _refusals: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     _ft_answers: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
-    # the fine-tuned model's refusal rate on a calibration set (hard_target's reference)
-    _calibration_refusal: dict[tuple[str, ...], float] = field(default_factory=dict)
     last_effects: tuple[Any, Any, dict[str, tuple[int, str, int]]] | None = None
     guard_trace: list[dict[str, float]] = field(default_factory=list)
     placement: Placement | None = None  # spread the models over devices (accelerate device_map)
@@ -877,17 +875,13 @@ class Localiser:
             }
             return select_entries(gains, cost, budget, self.params.p, combined, 1.0)
 
-        def calibration_limit() -> float | None:
-            """The fine-tuned model's own calibration refusal plus the target (answered once per
-            calibration set and kept: every dimension of a lineage shares it)."""
-            if self.params.hard_target is None:
-                return None
-            key = tuple(calibration)
-            if key not in self._calibration_refusal:
-                self._calibration_refusal[key] = refusal_share(answer(calibration))
-            return self._calibration_refusal[key] + self.params.hard_target / 100.0
-
-        limit = calibration_limit()  # before any edit is in place
+        # the fine-tuned model's own calibration refusal plus the target; its answers are the kept
+        # unedited ones (shared with the benign targets when the sets agree), taken before any edit
+        limit = (
+            None
+            if self.params.hard_target is None
+            else refusal_share(self.finetuned_answers(calibration)) + self.params.hard_target / 100.0
+        )
         weight = self.params.hard_weight
         for r in range(self.params.hard_rounds):
             with restored_in_memory(model, self.trio, masks=masks):
@@ -897,7 +891,7 @@ class Localiser:
                 pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
                 stopped = KeywordJudge().judge(harmful, harmful_answers) if harmful else []
                 missed = [p for p, f in zip(harmful, stopped, strict=True) if not f]
-                trace = {"round": r + 1, "refused": len(pairs), "prompts": len(calibration)}
+                trace: dict[str, Any] = {"round": r + 1, "refused": len(pairs), "prompts": len(calibration)}
                 if harmful:
                     trace |= {"complied": len(missed), "harmful": len(harmful)}
                 self.hard_trace.append(trace)
