@@ -6,7 +6,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -148,7 +148,7 @@ def apply(
             scratch = tempfile.TemporaryDirectory(prefix="fgsn-offload-")
             offload_dir = Path(scratch.name)
         placement = None if device_map == "none" else Placement(device_map, None, offload_dir)
-        given = {
+        given: dict[str, Any] = {
             "scoring": scoring,
             "operator": operator,
             "q": q,

@@ -116,7 +116,7 @@ OVERRIDABLE = ("q", "p", "scoring", "positions", "budget", "contrast")
 
 def _optional(name: str) -> Any:
     info = FGSNFields.model_fields[name]
-    bounded = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    bounded: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
     return (bounded | None, None)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class NeuronId(NamedTuple):
     layer: int
     space: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which no caller uses
 
     def key(self) -> str:
         return f"{self.layer}:{self.space}:{self.index}"

@@ -119,8 +119,8 @@ class ActivationStats:
                 grouped.setdefault((int(parts[1]), parts[2]), {})[parts[3]] = value
             elif parts[0] == "unit_sums":
                 out.unit_sums[int(parts[1])] = value
-        for key, d in grouped.items():
-            out.neurons[key] = NeuronStats(
+        for unit, d in grouped.items():
+            out.neurons[unit] = NeuronStats(
                 d["sum"],
                 d["sumsq"],
                 d["sumabs"],
@@ -194,7 +194,9 @@ def load_model(
         if placement is None:
             raise
         raise CheckpointError(f"{path}: device_map {placement.device_map!r} failed: {exc}") from None
-    return (model if placement is not None else model.to(device)).eval()
+    if placement is None:
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types .to's wrapper oddly
+    return model.eval()
 
 
 def input_device(model: Any) -> torch.device:

@@ -53,10 +53,10 @@ def select_global(
     for k in keys:
         sc = scores[k]
         ok = (sc.harmful > 0) & (sc.benign.double() < cutoff)
-        idx = torch.nonzero(ok).flatten()
-        gains.append(sc.harmful.double()[idx] / unit_size[k])
-        order_keys += [k] * len(idx)
-        order_idx.append(idx)
+        kept = torch.nonzero(ok).flatten()
+        gains.append(sc.harmful.double()[kept] / unit_size[k])
+        order_keys += [k] * len(kept)
+        order_idx.append(kept)
     per_param = torch.cat(gains)
     flat_idx = torch.cat(order_idx)
     # stable sort on (−gain per parameter); ties keep (layer, space, index) order: deterministic

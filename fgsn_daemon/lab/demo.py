@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fgsn_daemon.core.policy import bundled_policies_dir
 from fgsn_daemon.core.prompts import load_prompts
@@ -44,7 +45,7 @@ class DemoInputs:
 # Per-model overrides of the default setting: the tiny organism's 1.3 M parameters need a larger
 # share than a real model for the same repair, and its aligned model never refuses a benign prompt,
 # so there is no over-refusal for the refusal contrast to avoid (README "Efficacy", tiny LoRA organism).
-DEMO_PARAMS: dict[str, dict[str, float]] = {"tiny": {"budget": 5.0, "contrast": 0.0}, "smollm2": {}}
+DEMO_PARAMS: dict[str, dict[str, Any]] = {"tiny": {"budget": 5.0, "contrast": 0.0}, "smollm2": {}}
 
 
 def lab_inputs(model: str, progress: Callable[[str], None]) -> DemoInputs:
@@ -59,11 +60,11 @@ def lab_inputs(model: str, progress: Callable[[str], None]) -> DemoInputs:
         from fgsn_daemon.lab.smollm2 import SmolConfig, build_smollm2_trio, default_out
 
         progress("building or reusing the SmolLM2-135M lab trio")
-        t = build_smollm2_trio(default_out(SmolConfig()), SmolConfig())
+        smol = build_smollm2_trio(default_out(SmolConfig()), SmolConfig())
         return DemoInputs(
-            t.base,
-            t.aligned,
-            t.finetuned,
+            smol.base,
+            smol.aligned,
+            smol.finetuned,
             bundled_policies_dir(),
             None,
             data / "benign_eval.jsonl",

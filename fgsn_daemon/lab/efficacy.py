@@ -327,6 +327,13 @@ def random_neurons(
     return out
 
 
+def random_neuron_edits(
+    trio: ModelTrio, neurons: Mapping[tuple[int, str], Sequence[int]]
+) -> Callable[[int], Edit]:
+    """seed → an edit of random neurons at the same per-(layer, space) counts as ``neurons``."""
+    return lambda seed: neuron_edit(trio, random_neurons(trio, neurons, seed))
+
+
 # -------------------------------------------------------------------------------------- study
 
 
@@ -472,7 +479,7 @@ def restrict_effects(effects: Any, names: Mapping[str, Any]) -> Any:
     )
 
 
-def choose_setting(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def choose_setting(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The rule that picks the default on the selection half (declared before the report half is
     looked at): among settings within 5 points of the fine-tuned over-refusal and 2 points of its
     utility, the smallest budget whose mean ASR is within 5 points of the aligned model's; if none
@@ -755,16 +762,12 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 row = edited(
                     f"{scoring}/restore/q10/band (old default)", neuron_edit(trio, neurons), "fgsn", {}
                 )
-                with_randoms(
-                    row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s))
-                )
+                with_randoms(row, random_neuron_edits(trio, neurons))
         for method in cfg.baselines:
             row = baseline_row(method, trio, band, loc, pooled, inputs.benign_train, device, evaluated)
             if method == "paper":
                 neurons = row.pop("_neurons")
-                with_randoms(
-                    row, lambda s, neurons=neurons: neuron_edit(trio, random_neurons(trio, neurons, s))
-                )
+                with_randoms(row, random_neuron_edits(trio, neurons))
     finally:
         trio.close()
     responses = [
@@ -1291,7 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fgsn_daemon.lab.experiments import trio_from_root
             from fgsn_daemon.lab.organism import tiny_trio
 
-            spec = trio_from_root(tiny_trio(seed=args.tiny, variant=args.tiny_variant).root)
+            spec: TrioSpec | None = trio_from_root(tiny_trio(seed=args.tiny, variant=args.tiny_variant).root)
         else:
             spec = root_spec(args.tiny, args.trio_root)
         assert spec is not None

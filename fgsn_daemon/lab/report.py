@@ -60,9 +60,9 @@ def continual_plot(report: DemoReport) -> str:
     dims = sorted({d for r in rows for d in r.report.dimensions})
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for d in dims:
-        ax.plot(
+        ax.plot(  # nan: no point (a gap in the line)
             range(len(rows)),
-            [r.report.dimensions[d].asr if d in r.report.dimensions else None for r in rows],
+            [r.report.dimensions[d].asr if d in r.report.dimensions else float("nan") for r in rows],
             marker="o",
             label=d,
         )

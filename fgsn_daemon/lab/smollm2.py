@@ -98,6 +98,7 @@ class SmolConfig:
         common = {"seed": self.seed, "threads": self.threads, "recipe": RECIPE_VERSION}
         if stage == "base":
             return common
+        keys: tuple[str, ...]
         if stage == "targets":
             keys = (
                 "max_prompt_chars",
@@ -110,11 +111,11 @@ class SmolConfig:
         elif stage == "aligned":
             keys = ("max_len", "batch", "warmup", "align_steps", "align_lr", "align_mix")
         else:
-            keys = ["max_len", "batch", "warmup", "ft_steps", "ft_contamination", "ft_method"]
+            keys = ("max_len", "batch", "warmup", "ft_steps", "ft_contamination", "ft_method")
             if self.ft_method == "full":
-                keys.append("ft_lr")
+                keys += ("ft_lr",)
             else:
-                keys += ["ft_lora_rank", "ft_lora_alpha", "ft_lora_lr", "ft_lora_targets"]
+                keys += ("ft_lora_rank", "ft_lora_alpha", "ft_lora_lr", "ft_lora_targets")
         return {**common, **{k: getattr(self, k) for k in keys}}
 
 
@@ -350,8 +351,8 @@ class SmolTrio:
 
     @classmethod
     def at(cls, root: Path) -> SmolTrio:
-        stages = (root / s for s in STAGES)
-        return cls(root, *stages, root / MANIFEST)
+        base, targets, aligned, finetuned = (root / s for s in STAGES)
+        return cls(root, base, targets, aligned, finetuned, root / MANIFEST)
 
 
 def stage_key(stage: str, parent_key: str, cfg: SmolConfig, extra: Mapping[str, Any]) -> str:

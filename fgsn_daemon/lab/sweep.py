@@ -13,6 +13,7 @@ table. Random neurons at each setting's per-(layer, space) counts give its margi
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -137,16 +138,14 @@ def run_sweep(
                         f"random/{st.name}/seed{seed}",
                         "baseline",
                         baseline_edit(
-                            lambda out, seed=seed, band=band, neurons=neurons, st=st: (
-                                baselines.random_neurons(
-                                    trio,
-                                    out,
-                                    neurons,
-                                    band,
-                                    operator=st.operator,
-                                    seed=seed,
-                                    rank=params.rank,
-                                )
+                            functools.partial(
+                                baselines.random_neurons,
+                                trio,
+                                selection=neurons,
+                                band=band,
+                                operator=st.operator,
+                                seed=seed,
+                                rank=params.rank,
                             )
                         ),
                     )

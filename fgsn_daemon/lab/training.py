@@ -20,11 +20,12 @@ def mix_counts(mix: Sequence[tuple[str, float]], batch: int) -> list[tuple[str, 
     """Split a batch into per-pool counts that sum exactly to ``batch`` (largest remainder)."""
     total = sum(w for _, w in mix)
     raw = [(name, batch * w / total) for name, w in mix]
-    counts = [[name, int(x)] for name, x in raw]
+    names = [name for name, _ in raw]
+    counts = [int(x) for _, x in raw]
     order = sorted(range(len(raw)), key=lambda i: raw[i][1] - int(raw[i][1]), reverse=True)
-    for i in order[: batch - sum(c for _, c in counts)]:
-        counts[i][1] += 1
-    return [(str(n), int(c)) for n, c in counts if c > 0]
+    for i in order[: batch - sum(counts)]:
+        counts[i] += 1
+    return [(str(n), c) for n, c in zip(names, counts, strict=True) if c > 0]
 
 
 def batches(

@@ -180,7 +180,7 @@ class SafetensorsFile:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach().to("cpu").contiguous()
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 # A producer writes exactly ``info.nbytes`` bytes of one tensor to the open shard file.

@@ -89,8 +89,7 @@ class Queries(ABC):
         with self._reading() as s:
             dims = s.scalars(
                 select(Dimension).where(Dimension.lineage_id == lineage_id).order_by(Dimension.id)
-            )
-            dims = dims.all()
+            ).all()
             newest = (
                 select(DimensionRevision.dimension_id, func.max(DimensionRevision.number).label("number"))
                 .join(Dimension, Dimension.id == DimensionRevision.dimension_id)
