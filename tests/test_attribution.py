@@ -562,3 +562,30 @@ def test_balanced_dimensions_weigh_each_dimension_loss_equally(trio):
     assert any(
         not torch.allclose(balanced.entries[n], pooled.entries[n], atol=1e-7) for n in balanced.entries
     )
+
+
+def test_apply_dimension_looks_for_hard_negatives_in_the_calibration_prompts(trio, monkeypatch):
+    """``calibration_prompts`` (``fgsn apply --calibration``, the daemon's ``calibration``) replace
+    the benign prompts as the set the hard rounds answer and judge; without them the benign prompts
+    are used."""
+    from fgsn_daemon.engine import refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, apply_dimension
+
+    judged: list[list[str]] = []
+
+    def judge(self, prompts, answers):
+        judged.append(list(prompts))
+        return [False] * len(prompts)  # nothing refused: one round, no search
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0, hard_rounds=1
+    )
+    calibration = [f"Please describe a quiet hobby number {i}." for i in range(5)]
+    assert set(calibration).isdisjoint(BENIGN)
+    args = (trio["base"], trio["aligned"], trio["finetuned"], HARMFUL, BENIGN, None)
+    apply_dimension(*args, params=params, device="cpu", calibration_prompts=calibration)
+    assert judged and all(p == calibration for p in judged)
+    judged.clear()
+    apply_dimension(*args, params=params, device="cpu")
+    assert judged and all(set(p) <= set(BENIGN) for p in judged)

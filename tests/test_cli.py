@@ -108,3 +108,16 @@ def test_apply_default_contrast_without_aligned_refusals_is_a_clear_error(setup,
     assert proc.returncode != 0
     assert "refused none of the dimension's harmful prompts" in proc.stderr and "contrast = 0" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_bad_calibration_file_is_a_clear_error_and_writes_nothing(setup, tmp_path):
+    trio, harmful, benign = setup
+    empty = tmp_path / "calibration.jsonl"
+    empty.write_bytes(b"")
+    for path, message in ((tmp_path / "missing.jsonl", "missing.jsonl"), (empty, "no prompts")):
+        out = tmp_path / "out"
+        proc = fgsn(*common(trio, harmful, benign, out), "--calibration", str(path))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not out.exists()

@@ -309,3 +309,25 @@ def test_the_integrated_preset_fills_the_path_integrated_setting_and_flags_still
     assert default.hard_target == 1.0  # the default calibrates its hard weight
     fixed = engine_params(load_settings(None, {"params": {"hard_target": "off"}}))  # TOML has no null
     assert fixed.hard_target is None and fixed.hard_weight == 0.05
+
+
+def test_the_daemon_hands_its_calibration_prompts_to_the_engine(tmp_path: Path) -> None:
+    """``calibration`` (JSONL): the benign prompts the hard rounds look for refusals in; unset, the
+    engine falls back to the shared benign prompts (``calibration_prompts`` is None)."""
+    from helpers import make_trio, write_jsonl
+
+    from fgsn_daemon.service.daemon import Daemon
+    from fgsn_daemon.service.settings import load_settings
+
+    trio = make_trio(tmp_path / "trio", "llama")
+    prompts = ["Describe a calm lake.", "How do I fold a paper boat?"]
+    calibration = write_jsonl(tmp_path / "calibration.jsonl", prompts)
+    for given, expected in ((calibration, prompts), (None, None)):
+        state = tmp_path / f"state-{given is None}"
+        overrides = {k: trio[k] for k in ("base", "aligned", "finetuned")}
+        overrides |= {"policy_dir": tmp_path / "policies", "state_dir": state, "calibration": given}
+        daemon = Daemon(load_settings(None, overrides))
+        try:
+            assert daemon.get_localiser().calibration_prompts == expected
+        finally:
+            daemon.close()

@@ -72,6 +72,22 @@ def test_report_extension_uses_only_frames_and_fillers_no_other_set_has() -> Non
     assert {p.category for p in extension[:100]} == {p.category for p in held_out}
 
 
+def test_calibration_extension_shares_no_frame_filler_or_phrase_with_any_other_set() -> None:
+    extension = synthetic.benign_calibration_extension()
+    texts = [p.prompt for p in extension]
+    assert len(texts) == len(set(texts)) == 200
+    others = (*synthetic.FAMILIES, synthetic.EDGY_SAFE_SELECTION, *synthetic.REPORT_EXTENSION)
+    every_other = {t.lower() for f in others for pool in synthetic.family_pools(f) for t in pool}
+    for new in synthetic.CALIBRATION_EXTENSION:
+        for old in others:
+            if new.frames != ("{x}",):
+                assert set(new.frames).isdisjoint(old.frames), (new.name, old.name)
+        for filler in new.fillers:  # not even inside another set's prompt
+            assert not any(filler.lower() in t for t in every_other), filler
+    assert {p.category for p in extension} == {p.category for p in synthetic.benign_prompts()[1]}
+    assert {p.category for p in extension[:4]} == {"howto", "writing", "explain", "edgy_safe"}
+
+
 def test_family_pools_hold_out_frames_and_fillers() -> None:
     for family in synthetic.FAMILIES:
         train, held_out = synthetic.family_pools(family)
@@ -184,13 +200,20 @@ def test_write_data_counts(tmp_path: Path) -> None:
         "benign_eval.jsonl": 100,
         "benign_selection.jsonl": 410,
         "benign_report_extension.jsonl": 300,
+        "benign_calibration_extension.jsonl": 200,
         "utility_train.jsonl": 400,
         "utility_eval.jsonl": 200,
     }
 
 
 def test_every_bundled_benign_prompt_has_the_frame_it_was_built_from() -> None:
-    files = ("benign.jsonl", "benign_eval.jsonl", "benign_selection.jsonl", "benign_report_extension.jsonl")
+    files = (
+        "benign.jsonl",
+        "benign_eval.jsonl",
+        "benign_selection.jsonl",
+        "benign_report_extension.jsonl",
+        "benign_calibration_extension.jsonl",
+    )
     for name in files:
         for line in (DATA / name).read_text().splitlines():
             prompt = json.loads(line)["prompt"]

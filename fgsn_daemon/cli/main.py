@@ -48,6 +48,13 @@ def apply(
     harmful: Annotated[Path, typer.Option(help="harmful prompts (JSONL, one {'prompt': ...} per line)")],
     benign: Annotated[Path, typer.Option(help="benign / general-task prompts (JSONL)")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="benign prompts (JSONL) the over-refusal hard rounds look for refusals in "
+            "(default: --benign; best phrased unlike them)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     device_map: Annotated[
         str,
@@ -191,6 +198,7 @@ def apply(
         params.validate()
         harmful_prompts = load_prompts(harmful)
         benign_prompts = load_prompts(benign)
+        calibration_prompts = load_prompts(calibration) if calibration is not None else None
         result = apply_dimension(
             base,
             aligned,
@@ -204,6 +212,7 @@ def apply(
             dtype=getattr(torch, compute_dtype),
             max_shard_bytes=max_shard_mb * 1024 * 1024,
             progress=None if as_json else lambda msg: typer.echo(f"... {msg}", err=True),
+            calibration_prompts=calibration_prompts,
         )
         if scratch is not None:
             scratch.cleanup()

@@ -1229,8 +1229,11 @@ def apply_dimension(
     progress: Callable[[str], None] | None = None,
     placement: Placement | None = None,
     dtype: torch.dtype = torch.float32,
+    calibration_prompts: Sequence[str] | None = None,
 ) -> ApplyResult:
-    """The one-shot pipeline: localise this dimension's neurons, project them, write ``out``."""
+    """The one-shot pipeline: localise this dimension's neurons, project them, write ``out``.
+    ``calibration_prompts``: the benign prompts the over-refusal hard rounds look for refusals in
+    (default: ``benign_prompts``)."""
     params = params or FGSNParams()
     params.validate()
     dev = resolve_device(device)
@@ -1246,6 +1249,7 @@ def apply_dimension(
             progress=progress or (lambda _m: None),
             placement=placement,
             dtype=dtype,
+            calibration_prompts=calibration_prompts,
         )
         masks: dict[str, torch.Tensor] | None = None
         if params.unit == "entry":

@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     state_dir: Path = Path("state")
     # Shared benign prompts (JSONL) for neuron scoring; None = the bundled synthetic set.
     benign: Path | None = None
+    # Benign prompts (JSONL) the over-refusal hard rounds look for refusals in; None = `benign`.
+    calibration: Path | None = None
     # Harmful prompts the safety band is computed from (a JSONL file, or a policy folder whose
     # dimensions each give their first prompts); None = the policies shipped with the package.
     band_reference: Path | None = None
@@ -123,7 +125,15 @@ class Settings(BaseSettings):
     settle_s: float = Field(default=5.0, ge=0, description="a policy folder must be unchanged this long")
 
     @field_validator(
-        "base", "aligned", "finetuned", "policy_dir", "state_dir", "benign", "band_reference", "offload_dir"
+        "base",
+        "aligned",
+        "finetuned",
+        "policy_dir",
+        "state_dir",
+        "benign",
+        "calibration",
+        "band_reference",
+        "offload_dir",
     )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -70,6 +70,7 @@ class LineageResources(DaemonState):
                 dtype=s.torch_dtype(),
                 # the contrast's refusal targets: the lineage's reference set (as the band's)
                 refusal_reference=reference_harmful_prompts(s.band_reference),
+                calibration_prompts=load_prompts(s.calibration) if s.calibration is not None else None,
             )
         return self.localiser
 
