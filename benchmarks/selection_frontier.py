@@ -54,7 +54,9 @@ def family_of(command: str, setting: dict) -> str:
         parts.append("all train prompts")
     elif train is not None and train != "64":
         parts.append(f"{train} train prompts per dimension")
-    for name in ("calibration", "target-tokens", "max-new-tokens"):  # options that change results
+    if option(command, "calibration") is not None:  # the file, wherever the run found it
+        parts.append(f"calibration {Path(str(option(command, 'calibration'))).name}")
+    for name in ("target-tokens", "max-new-tokens"):  # options that change results
         if option(command, name) is not None:
             parts.append(f"{name} {option(command, name)}")
     if setting.get("hard_positive"):
