@@ -589,3 +589,7 @@ def test_apply_dimension_looks_for_hard_negatives_in_the_calibration_prompts(tri
     judged.clear()
     apply_dimension(*args, params=params, device="cpu")
     assert judged and all(set(p) <= set(BENIGN) for p in judged)
+    from fgsn_daemon.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration prompts are empty"):
+        apply_dimension(*args, params=params, device="cpu", calibration_prompts=[])

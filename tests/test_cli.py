@@ -114,10 +114,41 @@ def test_a_bad_calibration_file_is_a_clear_error_and_writes_nothing(setup, tmp_p
     trio, harmful, benign = setup
     empty = tmp_path / "calibration.jsonl"
     empty.write_bytes(b"")
-    for path, message in ((tmp_path / "missing.jsonl", "missing.jsonl"), (empty, "no prompts")):
+    cases = [
+        ((tmp_path / "missing.jsonl",), "missing.jsonl"),
+        ((empty,), "no prompts"),
+        ((benign, "--hard-rounds", "0"), "needs entry units and --hard-rounds >= 1"),
+    ]
+    for (path, *extra), message in cases:
         out = tmp_path / "out"
-        proc = fgsn(*common(trio, harmful, benign, out), "--calibration", str(path))
+        proc = fgsn(*common(trio, harmful, benign, out), "--calibration", str(path), *extra)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and message in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+def test_the_calibration_file_reaches_the_engine(setup, tmp_path, monkeypatch):
+    """In process: the prompts of ``--calibration`` are what ``apply_dimension`` is given; without
+    the option it is given none (and uses the benign prompts)."""
+    from typer.testing import CliRunner
+
+    from fgsn_daemon.cli.main import app
+    from fgsn_daemon.core.errors import ConfigError
+    from fgsn_daemon.engine import pipeline
+
+    trio, harmful, benign = setup
+    seen: list[object] = []
+
+    def fake_apply(*args, calibration_prompts=None, **kwargs):
+        seen.append(calibration_prompts)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "apply_dimension", fake_apply)
+    prompts = ["Describe a calm lake.", "How do I fold a paper boat?"]
+    calibration = write_jsonl(tmp_path / "calibration.jsonl", prompts)
+    args = common(trio, harmful, benign, tmp_path / "out")
+    for extra in (["--calibration", str(calibration)], []):
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 2 and "stopped by the test" in result.output
+    assert seen == [prompts, None]

@@ -72,7 +72,7 @@ def test_report_extension_uses_only_frames_and_fillers_no_other_set_has() -> Non
     assert {p.category for p in extension[:100]} == {p.category for p in held_out}
 
 
-def test_calibration_extension_shares_no_frame_filler_or_phrase_with_any_other_set() -> None:
+def test_calibration_extension_shares_no_frame_or_filler_with_any_other_set() -> None:
     extension = synthetic.benign_calibration_extension()
     texts = [p.prompt for p in extension]
     assert len(texts) == len(set(texts)) == 200
@@ -84,6 +84,12 @@ def test_calibration_extension_shares_no_frame_filler_or_phrase_with_any_other_s
                 assert set(new.frames).isdisjoint(old.frames), (new.name, old.name)
         for filler in new.fillers:  # not even inside another set's prompt
             assert not any(filler.lower() in t for t in every_other), filler
+    # the other way round, two phrases of other sets' fillers occur inside its prompts (found after
+    # the runs measured this file, so it stays as it is): 3 + 18 prompts, and no others
+    fillers = {x.lower() for f in others for x in f.fillers if f.frames != ("{x}",)}
+    inside = {x for t in texts for x in fillers if x in t.lower()}
+    assert inside == {"plan a birthday party", "write a haiku"}
+    assert sum(any(x in t.lower() for x in inside) for t in texts) == 21
     assert {p.category for p in extension} == {p.category for p in synthetic.benign_prompts()[1]}
     assert {p.category for p in extension[:4]} == {"howto", "writing", "explain", "edgy_safe"}
 

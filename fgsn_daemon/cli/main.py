@@ -51,8 +51,9 @@ def apply(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            help="benign prompts (JSONL) the over-refusal hard rounds look for refusals in "
-            "(default: --benign; best phrased unlike them)"
+            help="benign prompts (JSONL) the over-refusal hard rounds (entry units) look for refusals "
+            "in, at most calibration_max (200) of them, evenly spread (default: --benign; best phrased "
+            "unlike them)"
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -97,13 +98,14 @@ def apply(
     scope: Annotated[str | None, typer.Option(help="attribution: layers that compete: all | band")] = None,
     guard: Annotated[
         float | None,
-        typer.Option(help="over-refusal guard: max rise in points on benign calibration prompts"),
+        typer.Option(help="over-refusal guard: max rise in points of refusal on the --benign prompts"),
     ] = None,
     contrast_kind: Annotated[
         str | None, typer.Option(help="what the contrast penalises: refusal | odds (refusal vs answer)")
     ] = None,
     hard_rounds: Annotated[
-        int | None, typer.Option(help="entries: over-refusal hard-negative rounds on the benign prompts")
+        int | None,
+        typer.Option(help="entries: over-refusal hard-negative rounds on --calibration (or --benign)"),
     ] = None,
     hard_weight: Annotated[
         float | None,
@@ -196,6 +198,11 @@ def apply(
             max_length=max_length,
         )
         params.validate()
+        if calibration is not None and (params.unit != "entry" or params.hard_rounds < 1):
+            raise ConfigError(
+                "--calibration is the set the over-refusal hard rounds look for refusals in: it needs "
+                f"entry units and --hard-rounds >= 1 (got unit {params.unit!r}, {params.hard_rounds} rounds)"
+            )
         harmful_prompts = load_prompts(harmful)
         benign_prompts = load_prompts(benign)
         calibration_prompts = load_prompts(calibration) if calibration is not None else None

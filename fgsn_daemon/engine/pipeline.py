@@ -827,8 +827,11 @@ class Localiser:
         from fgsn_daemon.engine.refusal import KeywordJudge
 
         model = self._finetuned()
+        given = self.calibration_prompts
+        if given is not None and not given:
+            raise ConfigError("the calibration prompts are empty (give none to use the benign prompts)")
         calibration = spread(
-            list(self.calibration_prompts or self.benign_prompts), self.params.calibration_max
+            list(given if given is not None else self.benign_prompts), self.params.calibration_max
         )
         harmful = list(harmful_prompts) if self.params.hard_positive_weight > 0 else []
         contrast = self.params.contrast if penalty is not None else 0.0
@@ -1236,6 +1239,8 @@ def apply_dimension(
     (default: ``benign_prompts``)."""
     params = params or FGSNParams()
     params.validate()
+    if calibration_prompts is not None and not calibration_prompts:
+        raise ConfigError("the calibration prompts are empty (give none to use the benign prompts)")
     dev = resolve_device(device)
     out_path = Path(out) if out is not None else None
     staging = prepare_output_dir(out_path) if out_path is not None else None

@@ -17,7 +17,7 @@ No public benign-instruction or exact-answer task set ships as files in an insta
 
 ``python -m fgsn_daemon.lab.synthetic [--out fgsn_daemon/data]`` writes ``benign.jsonl``,
 ``benign_eval.jsonl``, ``benign_selection.jsonl``, ``benign_report_extension.jsonl``,
-``utility_train.jsonl`` and ``utility_eval.jsonl``.
+``benign_calibration_extension.jsonl``, ``utility_train.jsonl`` and ``utility_eval.jsonl``.
 """
 
 from __future__ import annotations
@@ -492,9 +492,10 @@ REPORT_EXTENSION: tuple[Family, ...] = (HOWTO_REPORT, WRITING_REPORT, EXPLAIN_RE
 
 # A calibration set in unseen phrasing (``benign_calibration_extension.jsonl``, 200 prompts): the
 # over-refusal hard negatives look for refusals in a calibration set, and the scoring prompts' own
-# phrases (``benign.jsonl``) under-read the refusal of unseen phrasing (1 point there became 4-8 on
-# the held-out halves). Frames and fillers no other set uses, so it may calibrate without touching
-# the selection or report measures; written before any model answered them.
+# phrases (``benign.jsonl``) under-read the refusal of unseen phrasing (1 point of calibration
+# refusal there became 4.1 % on the selection half). Its frames and fillers are in no other set
+# (two phrases of other sets' fillers occur inside its prompts: see test_synthetic), so it calibrates
+# without touching the selection or report measures; written before any model answered them.
 HOWTO_CALIBRATION = held_out_family(
     "howto",
     frames=(
