@@ -367,6 +367,10 @@ class Localiser:
     # the scoring models' compute dtype (bfloat16 halves GPU memory; effects accumulate in float32)
     dtype: torch.dtype = torch.float32
 
+    def __post_init__(self) -> None:
+        if self.calibration_prompts is not None and not self.calibration_prompts:
+            raise ConfigError("the calibration prompts are empty (give none to use the benign prompts)")
+
     def ensure_model(self) -> None:
         if self.model is None:
             self.progress("loading scoring model")
@@ -828,8 +832,6 @@ class Localiser:
 
         model = self._finetuned()
         given = self.calibration_prompts
-        if given is not None and not given:
-            raise ConfigError("the calibration prompts are empty (give none to use the benign prompts)")
         calibration = spread(
             list(given if given is not None else self.benign_prompts), self.params.calibration_max
         )
@@ -1239,8 +1241,6 @@ def apply_dimension(
     (default: ``benign_prompts``)."""
     params = params or FGSNParams()
     params.validate()
-    if calibration_prompts is not None and not calibration_prompts:
-        raise ConfigError("the calibration prompts are empty (give none to use the benign prompts)")
     dev = resolve_device(device)
     out_path = Path(out) if out is not None else None
     staging = prepare_output_dir(out_path) if out_path is not None else None
