@@ -12,6 +12,7 @@ import typer
 
 from fgsn_daemon.core import defaults
 from fgsn_daemon.core.errors import ConfigError, FGSNError
+from fgsn_daemon.core.params import off_as_none
 from fgsn_daemon.core.records import parse_band
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-grained safety neuron projection.")
@@ -179,9 +180,9 @@ def apply(
         }
         chosen = {k: v for k, v in given.items() if v is not None}
         if hard_target is not None:  # "off" is an explicit None: the fixed hard weight
-            off = hard_target.strip().lower() in ("off", "none")
+            target = off_as_none(hard_target)
             try:
-                chosen["hard_target"] = None if off else float(hard_target)
+                chosen["hard_target"] = None if target is None else float(hard_target)
             except ValueError:
                 raise ConfigError(
                     f"--hard-target must be a number of points or 'off' (got {hard_target!r})"

@@ -96,10 +96,7 @@ class FGSNFields(BaseModel):
     @field_validator("hard_target", mode="before")
     @classmethod
     def _hard_target_off(cls, value: object) -> object:
-        # TOML has no null: "off" keeps the fixed hard_weight
-        if isinstance(value, str) and value.strip().lower() in ("off", "none"):
-            return None
-        return value
+        return off_as_none(value)
 
     @field_validator("band")
     @classmethod
@@ -107,6 +104,14 @@ class FGSNFields(BaseModel):
         if value is not None and not 0 <= value[0] <= value[1]:
             raise ValueError("band must be [start, end] with 0 <= start <= end")
         return value
+
+
+def off_as_none(value: object) -> object:
+    """``"off"`` / ``"none"`` (any case) → None, anything else unchanged: TOML and command lines have
+    no null, so this is how a setting such as ``hard_target`` is switched off."""
+    if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+        return None
+    return value
 
 
 # What a policy's [fgsn] table may override for its own dimension (plus max_prompts, which only
