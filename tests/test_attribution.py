@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import BENIGN, HARMFUL, make_trio
 
+from fgsn_daemon.core.prompts import spread
 from fgsn_daemon.engine.activations import load_model, load_tokenizer
 from fgsn_daemon.engine.attribution import delta_effects, encode_targets
 from fgsn_daemon.engine.io.checkpoint import Checkpoint
@@ -532,6 +533,60 @@ def test_a_calibrated_hard_weight_equals_the_fixed_weight_it_finds(trio, monkeyp
     models.close()
 
 
+def test_a_later_hard_round_reuses_the_answers_its_weight_search_made(trio, monkeypatch):
+    """With a calibrated weight, the search already answered the calibration prompts at the edit
+    the next round starts from: the second round judges those answers instead of generating them
+    again, so two rounds cost one round plus the second round's search."""
+    from fgsn_daemon.engine import delta_selection, evaluation, refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+
+    judged = {"n": 0}
+
+    def judge(self, prompts, answers):  # the fine-tuned model (first call) refuses nothing, every
+        judged["n"] += 1  # edit every other prompt: each round is over the limit
+        return [judged["n"] > 1 and i % 2 == 0 for i in range(len(prompts))]
+
+    searched: list[float] = []
+    real_search, real_generate = delta_selection.calibrated_weight, evaluation.generate_responses
+
+    def search(rate_at, start, limit, **kw):
+        def told(w):
+            searched.append(w)
+            rate_at(w)
+            return 0.0 if w >= 0.3 else 0.5
+
+        return real_search(told, start, limit, **kw)
+
+    generated: list[list[str]] = []
+
+    def generate(model, tokenizer, prompts, *args, **kw):
+        generated.append(list(prompts))
+        return real_generate(model, tokenizer, prompts, *args, **kw)
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", judge)
+    monkeypatch.setattr(delta_selection, "calibrated_weight", search)
+    monkeypatch.setattr(evaluation, "generate_responses", generate)
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    params = FGSNParams(
+        scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=0.0, hard_weight=0.05
+    )
+    calibration = spread(BENIGN, params.calibration_max)
+    runs = {}
+    for rounds in (1, 2):
+        generated.clear()
+        searched.clear()
+        judged["n"] = 0
+        setting = replace(params, hard_rounds=rounds, hard_target=10.0)
+        loc = Localiser(models, setting, torch.device("cpu"), BENIGN)
+        loc.localise_entries(HARMFUL)
+        assert len(loc.hard_trace) == rounds and all("weight" in t for t in loc.hard_trace)
+        runs[rounds] = (sum(g == calibration for g in generated), len(searched))
+    (one_round, searched_once), (two_rounds, searched_twice) = runs[1], runs[2]
+    assert searched_twice > searched_once > 0
+    assert two_rounds == one_round + (searched_twice - searched_once)
+    models.close()
+
+
 def test_balanced_dimensions_weigh_each_dimension_loss_equally(trio):
     """``mean_effects`` of per-dimension effects is the effect on the mean of the dimensions' mean
     losses: here 2 prompts of one and 6 of another, so each of the first weighs 3× one of the
@@ -584,11 +639,19 @@ def test_apply_dimension_looks_for_hard_negatives_in_the_calibration_prompts(tri
     calibration = [f"Please describe a quiet hobby number {i}." for i in range(5)]
     assert set(calibration).isdisjoint(BENIGN)
     args = (trio["base"], trio["aligned"], trio["finetuned"], HARMFUL, BENIGN, None)
-    apply_dimension(*args, params=params, device="cpu", calibration_prompts=calibration)
+    from fgsn_daemon.core.records import PromptSet
+
+    result = apply_dimension(*args, params=params, device="cpu", calibration_prompts=calibration)
     assert judged and all(p == calibration for p in judged)
+    # the result names both sets by content: the record says which prompts the selection used
+    assert result.benign == PromptSet.of(BENIGN)
+    assert result.calibration == PromptSet.of(calibration) != PromptSet.of(calibration[::-1])
     judged.clear()
-    apply_dimension(*args, params=params, device="cpu")
+    result = apply_dimension(*args, params=params, device="cpu")
     assert judged and all(set(p) <= set(BENIGN) for p in judged)
+    assert result.calibration == PromptSet.of(spread(BENIGN, params.calibration_max))
+    no_rounds = apply_dimension(*args, params=replace(params, hard_rounds=0), device="cpu")
+    assert no_rounds.calibration is None and no_rounds.benign == PromptSet.of(BENIGN)
     from fgsn_daemon.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="calibration prompts are empty"):

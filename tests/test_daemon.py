@@ -346,6 +346,33 @@ def test_bad_input_is_recorded_and_the_rest_is_served(trio, tmp_path):
     assert (policy / "empty" / "harmful.jsonl").exists()  # nothing the user wrote is touched
 
 
+def test_a_bad_prompt_file_setting_stops_the_start_and_names_the_setting(trio, tmp_path):
+    """``benign`` and ``calibration`` name prompt files; a missing or empty one stops the daemon at
+    start-up with an error that names the setting, before any lineage or version is written."""
+    policy, state = tmp_path / "policies", tmp_path / "state"
+    policy.mkdir()
+    write_dimension(policy, "a_cyber", DIMENSIONS["a_cyber"])
+    cfg = write_config(tmp_path, trio, policy, state)
+    body = cfg.read_text()
+    calibration = tmp_path / "calibration.jsonl"
+    for setting, problem in (("calibration", "file not found"), ("benign", "file not found")):
+        cfg.write_text(f'{setting} = "{tmp_path / "absent.jsonl"}"\n' + body)
+        proc = fgsn("run", "--once", "--config", str(cfg))
+        assert proc.returncode == 2, proc.stderr
+        assert f"setting '{setting}'" in proc.stderr and problem in proc.stderr
+    calibration.write_text("")
+    cfg.write_text(f'calibration = "{calibration}"\n' + body)
+    proc = fgsn("run", "--once", "--config", str(cfg))
+    assert proc.returncode == 2 and "setting 'calibration'" in proc.stderr and "empty" in proc.stderr
+    with registry(state) as reg:
+        assert reg.lineages() == []  # nothing recorded
+    assert not (state / "current").exists()
+    calibration.write_text('{"prompt": "How do I fold a paper boat?"}\n')
+    proc = fgsn("run", "--once", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert status_of(state, "a_cyber") == "applied"
+
+
 def test_a_model_path_that_disappears_is_reported_and_waited_for(trio, tmp_path):
     copy = {k: tmp_path / "models" / k for k in trio}
     for k in trio:
@@ -419,6 +446,18 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     whole = sum(t.numel() for n in flat for t in neuron_slices(now, n))
     assert total_changed < whole
     assert all(s and s["entry_masks"] and s["entries"] > 0 for s in summaries.values())
+    # each revision names the prompt sets it was selected with, by content
+    from fgsn_daemon.core.policy import bundled_benign
+    from fgsn_daemon.core.prompts import spread
+    from fgsn_daemon.core.records import PromptSet
+
+    benign = bundled_benign("train")
+    with registry(state) as reg:
+        params = {r.dimension: r.params for r in reg.revisions(lineage)}
+    assert all(p["hard_rounds"] == 1 for p in params.values())  # the default's one hard round
+    calibration = PromptSet.of(spread(benign, params["a_cyber"]["calibration_max"])).model_dump()
+    assert all(s["benign"] == PromptSet.of(benign).model_dump() for s in summaries.values())
+    assert all(s["calibration"] == calibration for s in summaries.values())
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
     from fgsn_daemon.engine.entry_masks import load_masks, union

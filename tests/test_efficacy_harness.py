@@ -262,3 +262,36 @@ def test_union_of_dimensions_refuses_settings_it_cannot_honour_before_scoring(tm
     assert main([*argv, "--balance-dimensions", "--grid", "entry:0.5:all:0"]) == 2
     assert "neither --balance-dimensions" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_strength_and_safety_set_the_selected_entries_to_the_declared_values(tmp_path: Path) -> None:
+    """Lab levers ``mX`` / ``vX``: the selected entries take ``W_ft + s·(W_al − W_ft) + v·(W_al −
+    W_base)`` (a float64 reference), every other entry stays fine-tuned, and leaving the edit puts
+    the fine-tuned values back; the defaults restore the aligned values exactly."""
+    import torch
+    from helpers import make_trio
+
+    from fgsn_daemon.engine.activations import load_model
+    from fgsn_daemon.engine.pipeline import ModelTrio, restored_in_memory
+
+    paths = make_trio(tmp_path / "trio", "llama")
+    trio = ModelTrio.open(paths["base"], paths["aligned"], paths["finetuned"])
+    model = load_model(paths["finetuned"], torch.device("cpu"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    param = dict(model.named_parameters())[name]
+    ft, al, base = (ck.read(name).double() for ck in (trio.finetuned, trio.aligned, trio.base))
+    mask = torch.rand(ft.shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    for strength, safety in ((1.0, 0.0), (1.5, 0.0), (1.0, 0.5), (2.0, -0.25)):
+        want = torch.where(mask, ft + strength * (al - ft) + safety * (al - base), ft)
+        with restored_in_memory(model, trio, masks={name: mask}, strength=strength, safety=safety):
+            torch.testing.assert_close(param.detach().double(), want, rtol=0, atol=1e-6)
+            if (strength, safety) == (1.0, 0.0):
+                assert torch.equal(param.detach()[mask], trio.aligned.read(name)[mask])
+        assert torch.equal(param.detach(), trio.finetuned.read(name))
+    with pytest.raises(ConfigError, match="entry masks"):
+        restored_in_memory(model, trio, slices={name: (0, [0])}, strength=2.0).__enter__()
+    trio.close()
+    overshoot, safety = parse_grid("entry:0.3:all:0:c1:m1.5,entry:0.5:all:0:c1:h1x0.05:t1:v0.5")
+    assert (overshoot.strength, overshoot.safety, safety.strength, safety.safety) == (1.5, 0.0, 1.0, 0.5)
+    assert overshoot.name == "attribution/entry/0.3%/all/p0/c1/strength1.5"
+    assert safety.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05~t1/safety0.5"

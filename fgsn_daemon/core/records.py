@@ -7,6 +7,8 @@ position along that space's neuron axis.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,6 +128,21 @@ class ApplyParams(_Record):
     guard_prompts: int | None = None
 
 
+class PromptSet(_Record):
+    """A prompt set by its content: how many prompts, and the sha256 of their UTF-8 text in order,
+    each followed by a NUL byte (compare it with ``PromptSet.of(load_prompts(file))``)."""
+
+    count: int
+    sha256: str
+
+    @classmethod
+    def of(cls, prompts: Sequence[str]) -> PromptSet:
+        digest = hashlib.sha256()
+        for prompt in prompts:
+            digest.update(prompt.encode() + b"\0")
+        return cls(count=len(prompts), sha256=digest.hexdigest())
+
+
 class ApplyResult(_Record):
     params: ApplyParams
     curve: LayerCurve
@@ -140,6 +157,11 @@ class ApplyResult(_Record):
     # entry units: sha256 of the revision's candidate-entry mask file (fgsn_daemon.engine.entry_masks)
     entry_masks: str | None = None
     entries: int | None = None  # candidate entries in that mask
+    # the benign prompts the scores contrast with (None: recorded before this field)
+    benign: PromptSet | None = None
+    # the prompts the over-refusal hard rounds judged, after the calibration_max cap (None: no
+    # hard rounds, or recorded before this field)
+    calibration: PromptSet | None = None
 
 
 def parse_band(text: str | None) -> tuple[int, int] | None:

@@ -30,6 +30,7 @@ from fgsn_daemon.core.records import (
     LayerCurve,
     ModificationRatio,
     NeuronId,
+    PromptSet,
     ScoredNeuron,
 )
 from fgsn_daemon.engine.activations import (
@@ -800,6 +801,21 @@ class Localiser:
             masks = self.hard_negative_masks(masks, gain, cost, penalty, budget, names, harmful_prompts)
         return masks
 
+    def calibration_set(self) -> list[str]:
+        """The benign prompts the hard rounds judge: the calibration prompts (default: the benign
+        ones), at most ``calibration_max`` of them, evenly spread."""
+        given = self.calibration_prompts
+        return spread(list(given if given is not None else self.benign_prompts), self.params.calibration_max)
+
+    def prompt_sets(self, benign_prompts: Sequence[str] | None = None) -> dict[str, PromptSet | None]:
+        """What an ``ApplyResult`` records of the prompt sets a selection used (``benign_prompts``:
+        a dimension's own benign set, when it replaces the shared one)."""
+        hard = self.params.unit == "entry" and self.params.hard_rounds > 0
+        return {
+            "benign": PromptSet.of(list(self.benign_prompts if benign_prompts is None else benign_prompts)),
+            "calibration": PromptSet.of(self.calibration_set()) if hard else None,
+        }
+
     def hard_negative_masks(
         self,
         masks: dict[str, torch.Tensor],
@@ -831,10 +847,7 @@ class Localiser:
         from fgsn_daemon.engine.refusal import KeywordJudge
 
         model = self._finetuned()
-        given = self.calibration_prompts
-        calibration = spread(
-            list(given if given is not None else self.benign_prompts), self.params.calibration_max
-        )
+        calibration = self.calibration_set()
         harmful = list(harmful_prompts) if self.params.hard_positive_weight > 0 else []
         contrast = self.params.contrast if penalty is not None else 0.0
         hard: dict[str, torch.Tensor] = {}
@@ -888,9 +901,11 @@ class Localiser:
             else refusal_share(self.finetuned_answers(calibration)) + self.params.hard_target / 100.0
         )
         weight = self.params.hard_weight
+        # the calibration answers of the next round's edit, when the weight search already made them
+        known: list[str] | None = None
         for r in range(self.params.hard_rounds):
             with restored_in_memory(model, self.trio, masks=masks):
-                answers = answer(calibration)
+                answers = known if known is not None else answer(calibration)
                 harmful_answers = answer(harmful) if harmful else []
                 refused = KeywordJudge().judge(calibration, answers)
                 pairs = [(p, a) for p, a, f in zip(calibration, answers, refused, strict=True) if f]
@@ -917,11 +932,18 @@ class Localiser:
                 {n: gain[n] + self.params.hard_positive_weight * boost[n] for n in gain} if boost else gain
             )
 
+            known = None
             if limit is not None and hard and weight > 0:
+                searched: dict[float, list[str]] = {}
 
-                def rate_at(w: float, gains: Mapping[str, torch.Tensor] = boosted) -> float:
+                def rate_at(
+                    w: float,
+                    gains: Mapping[str, torch.Tensor] = boosted,
+                    answered: dict[float, list[str]] = searched,
+                ) -> float:
                     with restored_in_memory(model, self.trio, masks=masks_for(w, gains)):
-                        rate = refusal_share(answer(calibration))
+                        answered[w] = answer(calibration)
+                        rate = refusal_share(answered[w])
                     self.progress(f"hard weight {w:.4g}: calibration refusal {rate:.3f} (limit {limit:.3f})")
                     return rate
 
@@ -932,6 +954,7 @@ class Localiser:
                 if not within and rate >= len(pairs) / max(1, len(calibration)) and not boost:
                     self.hard_trace[-1]["kept"] = True  # no weight helped: keep the round's own edit
                     break
+                known = searched[weight]  # greedy answers of masks_for(weight, boosted), reused
             masks = masks_for(weight, boosted)
         return masks
 
@@ -1078,10 +1101,18 @@ def restored_in_memory(
     trio: ModelTrio,
     masks: Mapping[str, torch.Tensor] | None = None,
     slices: Mapping[str, tuple[int, Sequence[int]]] | None = None,
+    strength: float = 1.0,
+    safety: float = 0.0,
 ) -> Iterator[None]:
     """Restore entries (``masks``) or neuron slices (``slices``) of a loaded fine-tuned model to
-    their aligned values in place; put the fine-tuned values back on exit."""
+    their aligned values in place; put the fine-tuned values back on exit.
+
+    ``strength`` and ``safety`` (entries only; lab levers) change the value the masked entries
+    take: ``W_ft + strength·(W_aligned − W_ft) + safety·(W_aligned − W_base)``; the defaults give
+    the aligned values."""
     masks, slices = masks or {}, slices or {}
+    if slices and (strength != 1.0 or safety != 0.0):
+        raise ConfigError("strength and safety apply to entry masks, not neuron slices")
     if masks or slices:
         _resident(model, "an in-memory restore (over-refusal guard, iterative steps, evaluation)")
     params = dict(model.named_parameters())
@@ -1092,7 +1123,13 @@ def restored_in_memory(
             saved[name] = p.detach().clone()
             aligned = trio.aligned.read(name).to(device=p.device, dtype=p.dtype)
             if name in masks:
-                p.copy_(torch.where(masks[name].to(p.device), aligned, p))
+                target = aligned
+                if strength != 1.0:
+                    target = p + strength * (aligned - p)
+                if safety:
+                    base = trio.base.read(name).to(device=p.device, dtype=p.dtype)
+                    target = target + safety * (aligned - base)
+                p.copy_(torch.where(masks[name].to(p.device), target, p))
             else:
                 axis, idx = slices[name]
                 ix = torch.tensor(list(idx), dtype=torch.long, device=p.device)
@@ -1303,6 +1340,7 @@ def apply_dimension(
             modification=modification,
             output=str(out_path) if out_path else None,
             edited_tensors=edited,
+            **loc.prompt_sets(),
         )
     finally:
         trio.close()

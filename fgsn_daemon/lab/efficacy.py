@@ -288,6 +288,9 @@ class Edit:
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     slices: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    # entries: W_ft + strength·(W_aligned − W_ft) + safety·(W_aligned − W_base) (restored_in_memory)
+    strength: float = 1.0
+    safety: float = 0.0
 
     def parameters(self, shapes: Mapping[str, Sequence[int]]) -> int:
         n = sum(int(m.sum()) for m in self.masks.values())
@@ -356,6 +359,10 @@ class Setting:
     hard_positive: float = 0.0  # in those rounds: weight of the harmful prompts still answered
     hard_at: str = "finetuned"  # where those rounds take their gradients (engine's hard_at)
     hard_target: float | None = None  # calibrated hard weight: refusal target, points (engine's)
+    # the value the selected entries take: W_ft + strength·(W_aligned − W_ft) + safety·V (V = aligned
+    # − base); 1 and 0 restore them (the engine's operator); lab levers, entries only
+    strength: float = 1.0
+    safety: float = 0.0
 
     @property
     def name(self) -> str:
@@ -368,7 +375,9 @@ class Setting:
         hard += f"+pos{self.hard_positive:g}" if self.hard and self.hard_positive else ""
         hard += "@edited" if self.hard and self.hard_at == "edited" else ""
         hard += f"~t{self.hard_target:g}" if self.hard and self.hard_target is not None else ""
-        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}"
+        value = f"/strength{self.strength:g}" if self.strength != 1.0 else ""
+        value += f"/safety{self.safety:g}" if self.safety else ""
+        return f"attribution/{self.unit}/{size}/{self.scope}/p{self.p:g}{contrast}{steps}{hard}{guard}{value}"
 
 
 @dataclass
@@ -634,7 +643,14 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
 
         def edited(name: str, edit: Edit, group: str, extra: Mapping[str, Any]) -> dict[str, Any]:
             n = edit.parameters(shapes)
-            with restored_in_memory(ft_model, trio, masks=edit.masks, slices=edit.slices):
+            with restored_in_memory(
+                ft_model,
+                trio,
+                masks=edit.masks,
+                slices=edit.slices,
+                strength=edit.strength,
+                safety=edit.safety,
+            ):
                 return evaluated(
                     name, ft_model, {"group": group, "share": n / total, "parameters": n, **extra}
                 )
@@ -648,7 +664,20 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 row["margin_vs_random"] = [margin(row["_outcome"], c["_outcome"]) for c in controls]
 
         def edit_for(st: Setting) -> tuple[Edit, dict[str, Any], Callable[[int], Edit]]:
-            """The setting's edit, its record, and its random control at the same budget."""
+            """The setting's edit, its record, and its random control at the same budget (the
+            selected and the random entries take values by the same rule)."""
+            edit, extra, random_edit = selected_edit(st)
+            if st.strength == 1.0 and not st.safety:
+                return edit, extra, random_edit
+            if edit.slices:
+                raise ConfigError("strength and safety (mX, vX) apply to entry units")
+
+            def valued(e: Edit) -> Edit:
+                return replace(e, strength=st.strength, safety=st.safety)
+
+            return valued(edit), extra, lambda s: valued(random_edit(s))
+
+        def selected_edit(st: Setting) -> tuple[Edit, dict[str, Any], Callable[[int], Edit]]:
             harm, benign, tensors, seconds, refusal, per_dimension = effects[st.scope]
             extra: dict[str, Any] = {"setting": asdict(st), "score_s": seconds}
             if st.unit == "entry" and per_dimension:
@@ -875,6 +904,8 @@ def run_continual(
     from fgsn_daemon.engine.entry_masks import union
     from fgsn_daemon.engine.pipeline import entry_selection
 
+    if setting.strength != 1.0 or setting.safety:
+        raise ConfigError("the continual study restores entries (no mX or vX field)")
     t0 = time.perf_counter()
     inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
     dims = list(order or inputs.train)
@@ -1213,13 +1244,16 @@ def parse_grid(text: str) -> list[Setting]:
     (iterative selection), ``hROUNDSxWEIGHT`` (over-refusal hard negatives; ``hROUNDSxWEIGHTe``: their
     gradients at the round's edited weights), ``tPOINTS`` (those rounds search their weight, from
     WEIGHT, for a calibration refusal at most POINTS above the fine-tuned model's), ``rWEIGHT`` (hard
-    positives in those rounds: the harmful scoring prompts the edit still answers)."""
+    positives in those rounds: the harmful scoring prompts the edit still answers), ``mSTRENGTH`` and
+    ``vSAFETY`` (entries: the selected entries take ``W_ft + STRENGTH·(W_aligned − W_ft) + SAFETY·
+    (W_aligned − W_base)`` instead of their aligned values)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
             guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
             hard_positive, hard_at, hard_target = 0.0, "finetuned", None
+            strength, safety = 1.0, 0.0
             for field_ in extra:
                 if field_.startswith("r"):
                     hard_positive = float(field_[1:])
@@ -1227,6 +1261,10 @@ def parse_grid(text: str) -> list[Setting]:
                     hard_target = float(field_[1:])
                 elif field_.startswith("s"):
                     steps = int(field_[1:])
+                elif field_.startswith("m"):
+                    strength = float(field_[1:])
+                elif field_.startswith("v"):
+                    safety = float(field_[1:])
                 elif field_.startswith("h"):
                     rounds, weight = field_[1:].split("x")
                     if weight.endswith("e"):
@@ -1252,6 +1290,8 @@ def parse_grid(text: str) -> list[Setting]:
                     hard_positive,
                     hard_at,
                     hard_target,
+                    strength,
+                    safety,
                 )
             )
         except ValueError:

@@ -270,6 +270,7 @@ class JobRunner(DaemonState):
             edited_tensors=[],
             entry_masks=masks_digest,
             entries=entries,
+            **loc.prompt_sets(list(dim.benign) if dim.benign else None),
         )
 
     def _warn_truncated(self, name: str, revision_id: int, prompts: Sequence[str], loc: Localiser) -> None:

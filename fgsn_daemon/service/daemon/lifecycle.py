@@ -139,7 +139,7 @@ class Lifecycle(DaemonState):
         """Lock, migrate, open models, recover from any crash, and make sure a first version exists."""
         self.acquire_lock()
         reg = self.open_registry()
-        self.open_models()
+        self.get_localiser()  # reads the prompt files, then opens the models
         self.recover()
         self.ensure_band()
         self.check_current()  # never build on a damaged parent

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fgsn_daemon.core.errors import FGSNError
+from fgsn_daemon.core.errors import FGSNError, PromptFileError
 from fgsn_daemon.core.policy import (
     bundled_benign,
     reference_harmful_prompts,
@@ -25,6 +25,14 @@ from fgsn_daemon.service.daemon.state import (
     engine_params,
 )
 from fgsn_daemon.service.versions import VersionStore
+
+
+def setting_prompts(setting: str, path: Path) -> list[str]:
+    """A prompt file named by a setting; its errors name the setting, as the user wrote it."""
+    try:
+        return load_prompts(path)
+    except PromptFileError as exc:
+        raise PromptFileError(f"setting {setting!r}: {exc}") from None
 
 
 class LineageResources(DaemonState):
@@ -57,9 +65,11 @@ class LineageResources(DaemonState):
 
     def get_localiser(self) -> Localiser:
         if self.localiser is None:
-            trio = self.open_models()
             s = self.settings
-            benign = load_prompts(s.benign) if s.benign is not None else bundled_benign("train")
+            # the prompt files first: a bad path stops the start before the lineage is recorded
+            benign = setting_prompts("benign", s.benign) if s.benign is not None else bundled_benign("train")
+            calibration = setting_prompts("calibration", s.calibration) if s.calibration is not None else None
+            trio = self.open_models()
             self.localiser = Localiser(
                 trio,
                 engine_params(s),
@@ -70,7 +80,7 @@ class LineageResources(DaemonState):
                 dtype=s.torch_dtype(),
                 # the contrast's refusal targets: the lineage's reference set (as the band's)
                 refusal_reference=reference_harmful_prompts(s.band_reference),
-                calibration_prompts=load_prompts(s.calibration) if s.calibration is not None else None,
+                calibration_prompts=calibration,
             )
         return self.localiser
 

@@ -196,7 +196,16 @@ class RegistryWriter(Queries):
         self.record_candidates(revision_id, result.candidates, result.selected, result.skipped)
         summary = result.model_dump(
             mode="json",
-            include={"layer_counts", "modification", "output", "edited_tensors", "entry_masks", "entries"},
+            include={
+                "layer_counts",
+                "modification",
+                "output",
+                "edited_tensors",
+                "entry_masks",
+                "entries",
+                "benign",
+                "calibration",
+            },
         )
         self.session.execute(
             update(DimensionRevision)
