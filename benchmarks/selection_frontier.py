@@ -67,6 +67,11 @@ def family_of(command: str, setting: dict) -> str:
         parts[-1] += " at the edit"
     if setting.get("hard") and setting.get("hard_target") is not None:
         parts[-1] += ", calibrated weight"
+    # the value the selected entries take (lab levers mX, vX); absent = restored to aligned
+    if setting.get("strength", 1.0) != 1.0:
+        parts.append("strength along the revert")
+    if setting.get("safety"):
+        parts.append("plus the safety vector")
     return ", ".join(parts)
 
 

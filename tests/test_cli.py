@@ -140,15 +140,17 @@ def test_the_calibration_file_reaches_the_engine(setup, tmp_path, monkeypatch):
     trio, harmful, benign = setup
     seen: list[object] = []
 
-    def fake_apply(*args, calibration_prompts=None, **kwargs):
-        seen.append(calibration_prompts)
+    def fake_apply(*args, calibration_prompts=None, params=None, **kwargs):
+        seen.append((calibration_prompts, params.calibration_max))
         raise ConfigError("stopped by the test")
 
     monkeypatch.setattr(pipeline, "apply_dimension", fake_apply)
     prompts = ["Describe a calm lake.", "How do I fold a paper boat?"]
     calibration = write_jsonl(tmp_path / "calibration.jsonl", prompts)
     args = common(trio, harmful, benign, tmp_path / "out")
-    for extra in (["--calibration", str(calibration)], []):
+    for extra in (["--calibration", str(calibration)], [], ["--calibration-max", "7"]):
         result = CliRunner().invoke(app, args + extra)
         assert result.exit_code == 2 and "stopped by the test" in result.output
-    assert seen == [prompts, None]
+    assert seen == [(prompts, 200), (None, 200), (None, 7)]  # the cap: 200 unless given
+    result = CliRunner().invoke(app, [*args, "--calibration-max", "0"])
+    assert result.exit_code == 2 and "calibration_max" in result.output and len(seen) == 3

@@ -53,9 +53,13 @@ def apply(
         Path | None,
         typer.Option(
             help="benign prompts (JSONL) the over-refusal hard rounds (entry units) look for refusals "
-            "in, at most calibration_max (200) of them, evenly spread (default: --benign; best phrased "
+            "in, at most --calibration-max of them, evenly spread (default: --benign; best phrased "
             "unlike them)"
         ),
+    ] = None,
+    calibration_max: Annotated[
+        int | None,
+        typer.Option(help="hard rounds: at most this many calibration prompts answered per round (200)"),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     device_map: Annotated[
@@ -177,6 +181,7 @@ def apply(
             "hard_positive_weight": hard_positive_weight,
             "hard_at": hard_at,
             "contrast_kind": contrast_kind,
+            "calibration_max": calibration_max,
         }
         chosen = {k: v for k, v in given.items() if v is not None}
         if hard_target is not None:  # "off" is an explicit None: the fixed hard weight
