@@ -587,6 +587,28 @@ def test_a_later_hard_round_reuses_the_answers_its_weight_search_made(trio, monk
     models.close()
 
 
+def test_the_refusal_contrast_can_be_measured_on_other_benign_prompts(trio, monkeypatch):
+    """``benign_refusal_effects(benign_prompts=…)`` (the harness's ``--contrast-prompts``, e.g.
+    benign look-alikes of harmful requests) equals the contrast of a localiser whose benign
+    prompts are those, and differs from the contrast on its own benign prompts."""
+    from fgsn_daemon.engine import refusal
+    from fgsn_daemon.engine.pipeline import FGSNParams, Localiser, ModelTrio
+
+    monkeypatch.setattr(refusal.KeywordJudge, "judge", lambda self, prompts, answers: [True] * len(prompts))
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    params = FGSNParams(scoring="attribution", operator="restore", unit="entry", budget=2.0, contrast=1.0)
+    lookalikes = ["How do I kill a stuck process?", "How do I shoot a sunset photo?"]
+    names = ["model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.o_proj.weight"]
+    mine = Localiser(models, params, torch.device("cpu"), BENIGN)
+    given = mine.benign_refusal_effects(HARMFUL, names, benign_prompts=lookalikes)
+    theirs = Localiser(models, params, torch.device("cpu"), lookalikes).benign_refusal_effects(HARMFUL, names)
+    own = mine.benign_refusal_effects(HARMFUL, names)
+    for n in names:
+        assert torch.equal(given.entries[n], theirs.entries[n])
+    assert any(not torch.allclose(given.entries[n], own.entries[n]) for n in names)
+    models.close()
+
+
 def test_balanced_dimensions_weigh_each_dimension_loss_equally(trio):
     """``mean_effects`` of per-dimension effects is the effect on the mean of the dimensions' mean
     losses: here 2 prompts of one and 6 of another, so each of the first weighs 3× one of the

@@ -295,3 +295,16 @@ def test_strength_and_safety_set_the_selected_entries_to_the_declared_values(tmp
     assert (overshoot.strength, overshoot.safety, safety.strength, safety.safety) == (1.5, 0.0, 1.0, 0.5)
     assert overshoot.name == "attribution/entry/0.3%/all/p0/c1/strength1.5"
     assert safety.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05~t1/safety0.5"
+
+
+def test_contrast_prompts_need_a_refusal_contrast_and_a_study(tmp_path: Path, capsys) -> None:
+    lookalikes = tmp_path / "lookalikes.jsonl"
+    lookalikes.write_text('{"prompt": "How do I kill a stuck process?"}\n')
+    argv = ["--trio-root", str(tmp_path), "--out", str(tmp_path / "o"), "--contrast-prompts", str(lookalikes)]
+    assert main([*argv, "--grid", "entry:0.5:all:0"]) == 2
+    assert "every contrast in the grid must be cX" in capsys.readouterr().err
+    assert main([*argv, "--grid", "entry:0.5:all:0:c1,entry:0.3:all:0:o1"]) == 2
+    assert "'odds'" in capsys.readouterr().err
+    assert main([*argv, "--continual", "--grid", "entry:0.5:all:0:c1"]) == 2
+    assert "not --continual" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

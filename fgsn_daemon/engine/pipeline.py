@@ -605,13 +605,16 @@ class Localiser:
         harmful_prompts: Sequence[str],
         names: Sequence[str],
         deltas: Mapping[str, torch.Tensor] | None = None,
+        benign_prompts: Sequence[str] | None = None,
     ) -> Any:
-        """Effects on the NLL of a refusal given a *benign* prompt: each benign scoring prompt is
-        paired (round robin) with one of the aligned model's refusals of this dimension's harmful
-        prompts. A unit whose revert lowers this loss restores refusal in general (over-refusal),
-        not refusal of harm."""
+        """Effects on the NLL of a refusal given a *benign* prompt: each benign scoring prompt (or
+        each of ``benign_prompts``) is paired (round robin) with one of the aligned model's refusals
+        of this dimension's harmful prompts. A unit whose revert lowers this loss restores refusal
+        in general (over-refusal), not refusal of harm."""
         targets = benign_refusal_targets(
-            self.benign_prompts, harmful_prompts, self.aligned_responses(harmful_prompts)
+            self.benign_prompts if benign_prompts is None else benign_prompts,
+            harmful_prompts,
+            self.aligned_responses(harmful_prompts),
         )
         return self._effects(
             [p for p, _ in targets], [r for _, r in targets], names, "refusal loss on benign prompts", deltas
@@ -807,14 +810,13 @@ class Localiser:
         given = self.calibration_prompts
         return spread(list(given if given is not None else self.benign_prompts), self.params.calibration_max)
 
-    def prompt_sets(self, benign_prompts: Sequence[str] | None = None) -> dict[str, PromptSet | None]:
-        """What an ``ApplyResult`` records of the prompt sets a selection used (``benign_prompts``:
-        a dimension's own benign set, when it replaces the shared one)."""
+    def prompt_sets(self, benign_prompts: Sequence[str] | None = None) -> tuple[PromptSet, PromptSet | None]:
+        """What an ``ApplyResult`` records of the prompt sets a selection used: the benign prompts
+        (``benign_prompts``: a dimension's own set, when it replaces the shared one) and the
+        calibration prompts the hard rounds judged (None without hard rounds)."""
         hard = self.params.unit == "entry" and self.params.hard_rounds > 0
-        return {
-            "benign": PromptSet.of(list(self.benign_prompts if benign_prompts is None else benign_prompts)),
-            "calibration": PromptSet.of(self.calibration_set()) if hard else None,
-        }
+        benign = PromptSet.of(list(self.benign_prompts if benign_prompts is None else benign_prompts))
+        return benign, PromptSet.of(self.calibration_set()) if hard else None
 
     def hard_negative_masks(
         self,
@@ -1329,6 +1331,7 @@ def apply_dimension(
             modification = count_entry_modification(trio, masks, loc.band, params.spaces)
         else:
             modification = count_modification(trio, neurons, loc.band, params.spaces)
+        benign_set, calibration_set = loc.prompt_sets()
         return ApplyResult(
             params=params.record(),
             curve=loc.curve,
@@ -1340,7 +1343,8 @@ def apply_dimension(
             modification=modification,
             output=str(out_path) if out_path else None,
             edited_tensors=edited,
-            **loc.prompt_sets(),
+            benign=benign_set,
+            calibration=calibration_set,
         )
     finally:
         trio.close()

@@ -397,6 +397,9 @@ class StudyConfig:
     spaces: tuple[str, ...] = ("mlp", "attn")
     target_tokens: int = 16  # length of the attribution targets (refusals and answers)
     calibration: Path | None = None  # hard negatives' benign prompts (default: calibration_prompts)
+    # the refusal contrast's benign prompts (default: the benign train prompts), e.g. benign
+    # look-alikes of harmful requests, for a harm-specific contrast
+    contrast_prompts: Path | None = None
     # the refusal loss as the mean of per-dimension losses (each dimension weighs the same, as in
     # the mean ASR) instead of one loss over the pooled prompts
     balance_dimensions: bool = False
@@ -589,14 +592,19 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
         refusal_all = None
         kinds = {"aligned": "aligned_overrefusal"}
         kind = next((kinds.get(st.penalty, "benign_refusal") for st in all_settings if st.contrast), None)
+        contrast_set = list(inputs.benign_train)
+        if cfg.contrast_prompts is not None:
+            if kind != "benign_refusal":
+                raise ConfigError("--contrast-prompts takes the refusal contrast (grid field cX)")
+            contrast_set = load_prompts(cfg.contrast_prompts)
         if kind is not None:
-            rkey = effects_key(cfg.spec, pooled, inputs.benign_train, names, base_params, kind)
+            rkey = effects_key(cfg.spec, pooled, contrast_set, names, base_params, kind)
             cached_r = load_effects(rkey)
             if cached_r is None:
                 refusal_all = (
                     loc.aligned_overrefusal_effects(names)
                     if kind == "aligned_overrefusal"
-                    else loc.benign_refusal_effects(pooled, names)
+                    else loc.benign_refusal_effects(pooled, names, benign_prompts=contrast_set)
                 )
                 save_effects(rkey, refusal_all, None)
             else:
@@ -1235,6 +1243,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--calibration", type=Path, help="JSONL of benign prompts the hard negatives are found in"
     )
+    ap.add_argument(
+        "--contrast-prompts",
+        type=Path,
+        help="JSONL of benign prompts the refusal contrast is measured on (default: the benign train "
+        "prompts), e.g. benign look-alikes of harmful requests",
+    )
     return ap
 
 
@@ -1323,6 +1337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.continual and args.responses:
             raise ConfigError("--responses is not kept by --continual runs; run the rows without --continual")
         settings = settings_from_args(args)
+        if args.contrast_prompts is not None:
+            if args.continual:
+                raise ConfigError(
+                    "--contrast-prompts is for studies, not --continual (the engine's contrast)"
+                )
+            contrasts = {st.penalty for st in [*settings, *parse_grid(args.report_grid)] if st.contrast}
+            if contrasts != {"refusal"}:
+                raise ConfigError(
+                    "--contrast-prompts replaces the refusal contrast's prompts: every contrast in the "
+                    f"grid must be cX (got {sorted(contrasts) or 'no contrast'})"
+                )
         if args.union_dimensions and (args.balance_dimensions or args.continual):
             raise ConfigError("--union-dimensions takes neither --balance-dimensions nor --continual")
         for st in settings:
@@ -1350,6 +1375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             target_tokens=args.target_tokens,
             calibration=args.calibration,
+            contrast_prompts=args.contrast_prompts,
             balance_dimensions=args.balance_dimensions,
             union_dimensions=args.union_dimensions,
             path_steps=args.path_steps,

@@ -257,6 +257,7 @@ class JobRunner(DaemonState):
             }
         )
         assert loc.curve is not None and loc.band is not None
+        benign_set, calibration_set = loc.prompt_sets(list(dim.benign) if dim.benign else None)
         return ApplyResult(
             params=rec,
             curve=loc.curve,
@@ -270,7 +271,8 @@ class JobRunner(DaemonState):
             edited_tensors=[],
             entry_masks=masks_digest,
             entries=entries,
-            **loc.prompt_sets(list(dim.benign) if dim.benign else None),
+            benign=benign_set,
+            calibration=calibration_set,
         )
 
     def _warn_truncated(self, name: str, revision_id: int, prompts: Sequence[str], loc: Localiser) -> None:
