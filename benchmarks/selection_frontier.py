@@ -56,6 +56,8 @@ def family_of(command: str, setting: dict) -> str:
         parts.append(f"{train} train prompts per dimension")
     if option(command, "calibration") is not None:  # the file, wherever the run found it
         parts.append(f"calibration {Path(str(option(command, 'calibration'))).name}")
+    if option(command, "contrast-prompts") is not None:  # the refusal contrast's own benign prompts
+        parts.append(f"contrast on {Path(str(option(command, 'contrast-prompts'))).name}")
     for name in ("target-tokens", "max-new-tokens"):  # options that change results
         if option(command, name) is not None:
             parts.append(f"{name} {option(command, name)}")

@@ -672,8 +672,18 @@ def test_apply_dimension_looks_for_hard_negatives_in_the_calibration_prompts(tri
     result = apply_dimension(*args, params=params, device="cpu")
     assert judged and all(set(p) <= set(BENIGN) for p in judged)
     assert result.calibration == PromptSet.of(spread(BENIGN, params.calibration_max))
+    assert result.contrast is None  # contrast 0: no contrast set
     no_rounds = apply_dimension(*args, params=replace(params, hard_rounds=0), device="cpu")
     assert no_rounds.calibration is None and no_rounds.benign == PromptSet.of(BENIGN)
+    # with a contrast (this random aligned model refuses nothing, so the sets are read off the
+    # localiser): a dimension's own benign set replaces the benign cost's prompts, not the contrast's
+    from fgsn_daemon.engine.pipeline import Localiser, ModelTrio
+
+    models = ModelTrio.open(trio["base"], trio["aligned"], trio["finetuned"])
+    loc = Localiser(models, replace(params, contrast=1.0), torch.device("cpu"), BENIGN)
+    own = ["Describe a quiet harbour."]
+    assert loc.prompt_sets(own) == (PromptSet.of(own), PromptSet.of(BENIGN), PromptSet.of(BENIGN))
+    models.close()
     from fgsn_daemon.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="calibration prompts are empty"):

@@ -154,3 +154,5 @@ def test_the_calibration_file_reaches_the_engine(setup, tmp_path, monkeypatch):
     assert seen == [(prompts, 200), (None, 200), (None, 7)]  # the cap: 200 unless given
     result = CliRunner().invoke(app, [*args, "--calibration-max", "0"])
     assert result.exit_code == 2 and "calibration_max" in result.output and len(seen) == 3
+    result = CliRunner().invoke(app, [*args, "--calibration-max", "7", "--hard-rounds", "0"])
+    assert result.exit_code == 2 and "--calibration-max shapes the set" in result.output and len(seen) == 3

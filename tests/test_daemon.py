@@ -347,15 +347,21 @@ def test_bad_input_is_recorded_and_the_rest_is_served(trio, tmp_path):
 
 
 def test_a_bad_prompt_file_setting_stops_the_start_and_names_the_setting(trio, tmp_path):
-    """``benign`` and ``calibration`` name prompt files; a missing or empty one stops the daemon at
-    start-up with an error that names the setting, before any lineage or version is written."""
+    """``benign``, ``calibration`` and ``band_reference`` name prompt files (the last, or a policy
+    folder); a missing or empty one stops the daemon at start-up with an error that names the
+    setting, before any lineage or version is written."""
     policy, state = tmp_path / "policies", tmp_path / "state"
     policy.mkdir()
     write_dimension(policy, "a_cyber", DIMENSIONS["a_cyber"])
     cfg = write_config(tmp_path, trio, policy, state)
     body = cfg.read_text()
     calibration = tmp_path / "calibration.jsonl"
-    for setting, problem in (("calibration", "file not found"), ("benign", "file not found")):
+    settings = (
+        ("calibration", "file not found"),
+        ("benign", "file not found"),
+        ("band_reference", "cannot list the policy folder"),  # neither a prompt file nor a folder
+    )
+    for setting, problem in settings:
         cfg.write_text(f'{setting} = "{tmp_path / "absent.jsonl"}"\n' + body)
         proc = fgsn("run", "--once", "--config", str(cfg))
         assert proc.returncode == 2, proc.stderr
@@ -458,6 +464,7 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     calibration = PromptSet.of(spread(benign, params["a_cyber"]["calibration_max"])).model_dump()
     assert all(s["benign"] == PromptSet.of(benign).model_dump() for s in summaries.values())
     assert all(s["calibration"] == calibration for s in summaries.values())
+    assert all(s["contrast"] == PromptSet.of(benign).model_dump() for s in summaries.values())
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
     from fgsn_daemon.engine.entry_masks import load_masks, union

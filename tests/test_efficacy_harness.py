@@ -291,10 +291,27 @@ def test_strength_and_safety_set_the_selected_entries_to_the_declared_values(tmp
     with pytest.raises(ConfigError, match="entry masks"):
         restored_in_memory(model, trio, slices={name: (0, [0])}, strength=2.0).__enter__()
     trio.close()
-    overshoot, safety = parse_grid("entry:0.3:all:0:c1:m1.5,entry:0.5:all:0:c1:h1x0.05:t1:v0.5")
+    overshoot, safety = parse_grid("entry:0.3:all:0:c1:m1.5,entry:0.5:all:0:c1:v0.5")
     assert (overshoot.strength, overshoot.safety, safety.strength, safety.safety) == (1.5, 0.0, 1.0, 0.5)
     assert overshoot.name == "attribution/entry/0.3%/all/p0/c1/strength1.5"
-    assert safety.name == "attribution/entry/0.5%/all/p0/c1/hard1x0.05~t1/safety0.5"
+    assert safety.name == "attribution/entry/0.5%/all/p0/c1/safety0.5"
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        "entry:0.5:all:0:c1:h1x0.05:t1:v0.5",  # hard rounds judge the plain restore
+        "entry:0.5:all:0:c1:s2:m1.5",
+        "entry:0.5:all:0:c1:5:m1.5",
+        "neuron:1:all:0:c1:m1.5",
+    ],
+)
+def test_strength_and_safety_are_refused_where_another_stage_judges_the_plain_restore(
+    tmp_path: Path, capsys, grid: str
+) -> None:
+    assert main(["--trio-root", str(tmp_path), "--out", str(tmp_path / "o"), "--grid", grid]) == 2
+    assert "take entry units without a guard, hard rounds or steps" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_contrast_prompts_need_a_refusal_contrast_and_a_study(tmp_path: Path, capsys) -> None:
@@ -307,4 +324,9 @@ def test_contrast_prompts_need_a_refusal_contrast_and_a_study(tmp_path: Path, ca
     assert "'odds'" in capsys.readouterr().err
     assert main([*argv, "--continual", "--grid", "entry:0.5:all:0:c1"]) == 2
     assert "not --continual" in capsys.readouterr().err
+    assert main([*argv, "--grid", "entry:0.5:all:0:c1:s2"]) == 2
+    assert "iterative rows (sN)" in capsys.readouterr().err
+    missing = ["--contrast-prompts", str(tmp_path / "missing.jsonl"), "--grid", "entry:0.5:all:0:c1"]
+    assert main([*argv[:4], *missing]) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

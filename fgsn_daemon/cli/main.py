@@ -204,11 +204,14 @@ def apply(
             max_length=max_length,
         )
         params.validate()
-        if calibration is not None and (params.unit != "entry" or params.hard_rounds < 1):
-            raise ConfigError(
-                "--calibration is the set the over-refusal hard rounds look for refusals in: it needs "
-                f"entry units and --hard-rounds >= 1 (got unit {params.unit!r}, {params.hard_rounds} rounds)"
-            )
+        hard = params.unit == "entry" and params.hard_rounds >= 1
+        for flag, value in (("--calibration", calibration), ("--calibration-max", calibration_max)):
+            if value is not None and not hard:
+                raise ConfigError(
+                    f"{flag} shapes the set the over-refusal hard rounds look for refusals in: it needs "
+                    f"entry units and --hard-rounds >= 1 (got unit {params.unit!r}, "
+                    f"{params.hard_rounds} rounds)"
+                )
         harmful_prompts = load_prompts(harmful)
         benign_prompts = load_prompts(benign)
         calibration_prompts = load_prompts(calibration) if calibration is not None else None

@@ -130,7 +130,8 @@ class ApplyParams(_Record):
 
 class PromptSet(_Record):
     """A prompt set by its content: how many prompts, and the sha256 of their UTF-8 text in order,
-    each followed by a NUL byte (compare it with ``PromptSet.of(load_prompts(file))``)."""
+    each followed by a NUL byte (compare it with ``PromptSet.of(load_prompts(file))``; a recorded
+    calibration set, which is capped, with ``PromptSet.of(spread(load_prompts(file), calibration_max))``)."""
 
     count: int
     sha256: str
@@ -157,8 +158,12 @@ class ApplyResult(_Record):
     # entry units: sha256 of the revision's candidate-entry mask file (fgsn_daemon.engine.entry_masks)
     entry_masks: str | None = None
     entries: int | None = None  # candidate entries in that mask
-    # the benign prompts the scores contrast with (None: recorded before this field)
+    # the benign prompts the benign cost was scored on: a dimension's own set when it brings one
+    # (None: recorded before this field)
     benign: PromptSet | None = None
+    # the benign prompts the refusal contrast was measured on: always the shared benign set, even
+    # when a dimension brings its own (None: no contrast, or recorded before this field)
+    contrast: PromptSet | None = None
     # the prompts the over-refusal hard rounds judged, after the calibration_max cap (None: no
     # hard rounds, or recorded before this field)
     calibration: PromptSet | None = None

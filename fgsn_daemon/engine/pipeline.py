@@ -810,13 +810,18 @@ class Localiser:
         given = self.calibration_prompts
         return spread(list(given if given is not None else self.benign_prompts), self.params.calibration_max)
 
-    def prompt_sets(self, benign_prompts: Sequence[str] | None = None) -> tuple[PromptSet, PromptSet | None]:
-        """What an ``ApplyResult`` records of the prompt sets a selection used: the benign prompts
-        (``benign_prompts``: a dimension's own set, when it replaces the shared one) and the
-        calibration prompts the hard rounds judged (None without hard rounds)."""
+    def prompt_sets(
+        self, benign_prompts: Sequence[str] | None = None
+    ) -> tuple[PromptSet, PromptSet | None, PromptSet | None]:
+        """What an ``ApplyResult`` records of the prompt sets a selection used: the benign cost's
+        prompts (``benign_prompts``: a dimension's own set, when it replaces the shared one), the
+        refusal contrast's (the shared set; None without a contrast) and the calibration prompts the
+        hard rounds judged (None without hard rounds)."""
         hard = self.params.unit == "entry" and self.params.hard_rounds > 0
+        contrasted = self.params.scoring == "attribution" and self.params.contrast > 0
         benign = PromptSet.of(list(self.benign_prompts if benign_prompts is None else benign_prompts))
-        return benign, PromptSet.of(self.calibration_set()) if hard else None
+        contrast = PromptSet.of(list(self.benign_prompts)) if contrasted else None
+        return benign, contrast, PromptSet.of(self.calibration_set()) if hard else None
 
     def hard_negative_masks(
         self,
@@ -1126,11 +1131,14 @@ def restored_in_memory(
             aligned = trio.aligned.read(name).to(device=p.device, dtype=p.dtype)
             if name in masks:
                 target = aligned
-                if strength != 1.0:
-                    target = p + strength * (aligned - p)
-                if safety:
-                    base = trio.base.read(name).to(device=p.device, dtype=p.dtype)
-                    target = target + safety * (aligned - base)
+                if strength != 1.0 or safety:
+                    # in float32 (or wider), cast once: a bfloat16 model would round each step
+                    wide = torch.promote_types(p.dtype, torch.float32)
+                    ft, al = p.to(wide), trio.aligned.read(name).to(device=p.device, dtype=wide)
+                    value = ft + strength * (al - ft)
+                    if safety:
+                        value = value + safety * (al - trio.base.read(name).to(device=p.device, dtype=wide))
+                    target = value.to(p.dtype)
                 p.copy_(torch.where(masks[name].to(p.device), target, p))
             else:
                 axis, idx = slices[name]
@@ -1331,7 +1339,7 @@ def apply_dimension(
             modification = count_entry_modification(trio, masks, loc.band, params.spaces)
         else:
             modification = count_modification(trio, neurons, loc.band, params.spaces)
-        benign_set, calibration_set = loc.prompt_sets()
+        benign_set, contrast_set, calibration_set = loc.prompt_sets()
         return ApplyResult(
             params=params.record(),
             curve=loc.curve,
@@ -1344,6 +1352,7 @@ def apply_dimension(
             output=str(out_path) if out_path else None,
             edited_tensors=edited,
             benign=benign_set,
+            contrast=contrast_set,
             calibration=calibration_set,
         )
     finally:

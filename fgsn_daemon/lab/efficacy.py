@@ -1348,6 +1348,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--contrast-prompts replaces the refusal contrast's prompts: every contrast in the "
                     f"grid must be cX (got {sorted(contrasts) or 'no contrast'})"
                 )
+            steps = sorted({st.name for st in settings if st.steps > 1})
+            if steps:
+                raise ConfigError(
+                    "--contrast-prompts measures the first selection's contrast only; iterative rows "
+                    f"(sN) re-score on the benign train prompts: {', '.join(steps)}"
+                )
+            load_prompts(args.contrast_prompts)  # a missing or empty file fails before any scoring
+        for st in [*settings, *parse_grid(args.report_grid)]:
+            if st.strength == 1.0 and not st.safety:
+                continue
+            if st.unit != "entry" or st.hard or st.steps > 1 or st.guard is not None:
+                # the guard, hard rounds and steps judge the plain restore, not the valued edit
+                raise ConfigError(
+                    f"{st.name}: strength and safety (mX, vX) take entry units without a guard, hard "
+                    "rounds or steps"
+                )
         if args.union_dimensions and (args.balance_dimensions or args.continual):
             raise ConfigError("--union-dimensions takes neither --balance-dimensions nor --continual")
         for st in settings:

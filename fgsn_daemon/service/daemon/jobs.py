@@ -225,6 +225,10 @@ class JobRunner(DaemonState):
                     benign_prompts=list(dim.benign) if dim.benign else None,
                 )
                 selection = loc.select(scores, q, p, frozen)
+            # recorded under this dimension's own settings (a per-dimension scoring or contrast)
+            benign_set, contrast_set, calibration_set = loc.prompt_sets(
+                list(dim.benign) if dim.benign else None
+            )
         finally:
             loc.params = params
         self._warn_truncated(dim.name, revision_id, harmful, loc)
@@ -257,7 +261,6 @@ class JobRunner(DaemonState):
             }
         )
         assert loc.curve is not None and loc.band is not None
-        benign_set, calibration_set = loc.prompt_sets(list(dim.benign) if dim.benign else None)
         return ApplyResult(
             params=rec,
             curve=loc.curve,
@@ -272,6 +275,7 @@ class JobRunner(DaemonState):
             entry_masks=masks_digest,
             entries=entries,
             benign=benign_set,
+            contrast=contrast_set,
             calibration=calibration_set,
         )
 

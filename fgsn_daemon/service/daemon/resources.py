@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fgsn_daemon.core.errors import FGSNError, PromptFileError
+from fgsn_daemon.core.errors import FGSNError, PolicyError, PromptFileError
 from fgsn_daemon.core.policy import (
     bundled_benign,
     reference_harmful_prompts,
@@ -69,6 +69,10 @@ class LineageResources(DaemonState):
             # the prompt files first: a bad path stops the start before the lineage is recorded
             benign = setting_prompts("benign", s.benign) if s.benign is not None else bundled_benign("train")
             calibration = setting_prompts("calibration", s.calibration) if s.calibration is not None else None
+            try:  # the contrast's refusal targets: the lineage's reference set (as the band's)
+                reference = reference_harmful_prompts(s.band_reference)
+            except (PromptFileError, PolicyError) as exc:
+                raise type(exc)(f"setting 'band_reference': {exc}") from None
             trio = self.open_models()
             self.localiser = Localiser(
                 trio,
@@ -78,8 +82,7 @@ class LineageResources(DaemonState):
                 progress=self.progress,
                 placement=s.placement(),
                 dtype=s.torch_dtype(),
-                # the contrast's refusal targets: the lineage's reference set (as the band's)
-                refusal_reference=reference_harmful_prompts(s.band_reference),
+                refusal_reference=reference,
                 calibration_prompts=calibration,
             )
         return self.localiser

@@ -204,6 +204,7 @@ class RegistryWriter(Queries):
                 "entry_masks",
                 "entries",
                 "benign",
+                "contrast",
                 "calibration",
             },
         )
