@@ -421,6 +421,24 @@ def test_rollback_without_a_running_daemon_on_each_database(trio, tmp_path, regi
     assert again.returncode == 2 and "no applied revision" in again.stderr
 
 
+def test_an_override_that_does_not_fit_the_daemons_unit_fails_its_revision_only(trio, tmp_path):
+    """A dimension's ``[fgsn] scoring = "wanda"`` under entry units (which only attribution
+    scores) fails that revision with a message naming the dimension; the others are applied."""
+    policy = tmp_path / "policies-state"
+    policy.mkdir()
+    folder = write_dimension(policy, "wanda_entries", DIMENSIONS["b_weapons"])
+    with open(folder / "policy.toml", "a") as f:
+        f.write('[fgsn]\nscoring = "wanda"\n')
+    proc, state = run_once(tmp_path, trio, ["a_cyber"], "state", extra_params=ENTRY_PARAMS)
+    assert proc.returncode == 0, proc.stderr
+    assert status_of(state, "a_cyber") == "applied"
+    assert status_of(state, "wanda_entries") == "failed"
+    with registry(state) as reg:
+        detail = reg.dimension(reg.default_lineage_id(), "wanda_entries")
+    error = detail.revisions[-1].error or ""
+    assert "wanda_entries: [fgsn] scoring 'wanda' scores whole neurons" in error and "entry units" in error
+
+
 def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_path):
     """Entry units are owned one by one: the version restores exactly the union of the applied
     revisions' candidate masks (a later dimension adds its new entries even inside neurons first
@@ -464,7 +482,7 @@ def test_entry_units_claim_disjointly_and_roll_back_bit_identically(trio, tmp_pa
     calibration = PromptSet.of(spread(benign, params["a_cyber"]["calibration_max"])).model_dump()
     assert all(s["benign"] == PromptSet.of(benign).model_dump() for s in summaries.values())
     assert all(s["calibration"] == calibration for s in summaries.values())
-    assert all(s["contrast"] == PromptSet.of(benign).model_dump() for s in summaries.values())
+    assert all(s["contrast"] is None for s in summaries.values())  # ENTRY_PARAMS: contrast 0
     masks = sorted((state / "lineage-1" / "entry-masks").glob("*.safetensors"))
     assert {m.stem for m in masks} == {s["entry_masks"] for s in summaries.values()}
     from fgsn_daemon.engine.entry_masks import load_masks, union

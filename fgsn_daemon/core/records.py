@@ -161,8 +161,9 @@ class ApplyResult(_Record):
     # the benign prompts the benign cost was scored on: a dimension's own set when it brings one
     # (None: recorded before this field)
     benign: PromptSet | None = None
-    # the benign prompts the refusal contrast was measured on: always the shared benign set, even
-    # when a dimension brings its own (None: no contrast, or recorded before this field)
+    # the benign prompts the refusal contrast paired with refusals: always the shared benign set,
+    # even when a dimension brings its own (the log-odds kind also adds the benign cost, measured
+    # on ``benign``; None: no contrast, or recorded before this field)
     contrast: PromptSet | None = None
     # the prompts the over-refusal hard rounds judged, after the calibration_max cap (None: no
     # hard rounds, or recorded before this field)

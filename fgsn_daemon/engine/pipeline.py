@@ -818,7 +818,7 @@ class Localiser:
         refusal contrast's (the shared set; None without a contrast) and the calibration prompts the
         hard rounds judged (None without hard rounds)."""
         hard = self.params.unit == "entry" and self.params.hard_rounds > 0
-        contrasted = self.params.scoring == "attribution" and self.params.contrast > 0
+        contrasted = not is_activation_scoring(self.params.scoring) and self.params.contrast > 0
         benign = PromptSet.of(list(self.benign_prompts if benign_prompts is None else benign_prompts))
         contrast = PromptSet.of(list(self.benign_prompts)) if contrasted else None
         return benign, contrast, PromptSet.of(self.calibration_set()) if hard else None
@@ -1128,14 +1128,15 @@ def restored_in_memory(
         for name in {*masks, *slices}:
             p = params[name]
             saved[name] = p.detach().clone()
-            aligned = trio.aligned.read(name).to(device=p.device, dtype=p.dtype)
+            stored = trio.aligned.read(name)
+            aligned = stored.to(device=p.device, dtype=p.dtype)
             if name in masks:
                 target = aligned
                 if strength != 1.0 or safety:
                     # in float32 (or wider), cast once: a bfloat16 model would round each step
                     wide = torch.promote_types(p.dtype, torch.float32)
-                    ft, al = p.to(wide), trio.aligned.read(name).to(device=p.device, dtype=wide)
-                    value = ft + strength * (al - ft)
+                    ft, al = p.to(wide), stored.to(device=p.device, dtype=wide)
+                    value = al if strength == 1.0 else ft + strength * (al - ft)
                     if safety:
                         value = value + safety * (al - trio.base.read(name).to(device=p.device, dtype=wide))
                     target = value.to(p.dtype)

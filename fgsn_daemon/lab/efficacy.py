@@ -1348,7 +1348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--contrast-prompts replaces the refusal contrast's prompts: every contrast in the "
                     f"grid must be cX (got {sorted(contrasts) or 'no contrast'})"
                 )
-            steps = sorted({st.name for st in settings if st.steps > 1})
+            steps = sorted({st.name for st in [*settings, *parse_grid(args.report_grid)] if st.steps > 1})
             if steps:
                 raise ConfigError(
                     "--contrast-prompts measures the first selection's contrast only; iterative rows "

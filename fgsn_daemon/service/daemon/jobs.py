@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from fgsn_daemon.core.errors import DiskSpaceError, FGSNError
+from fgsn_daemon.core.errors import ConfigError, DiskSpaceError, FGSNError
 from fgsn_daemon.core.faults import fault_point
 from fgsn_daemon.core.policy import (
     Dimension,
@@ -198,6 +198,14 @@ class JobRunner(DaemonState):
         loc.params = replace(params, scoring=scoring, positions=positions, budget=budget, contrast=contrast)
         self.progress(f"{dim.name}: scoring {len(harmful)} harmful prompts ({scoring})")
         try:
+            if params.unit == "entry" and loc.params.unit != "entry":
+                # an activation scoring selects whole neurons per band layer: it cannot fill this
+                # lineage's entry claims (and would be recorded as what did not run)
+                raise ConfigError(
+                    f"{dim.name}: [fgsn] scoring {scoring!r} scores whole neurons; this daemon "
+                    "selects entry units, which only attribution scores (drop the override, or run "
+                    'the daemon with unit = "neuron")'
+                )
             # the dimension's own benign prompts, when given, replace the shared set for it
             benign_stats = None
             if not dim.benign and get_scoring(scoring).uses_activation_stats:
