@@ -69,6 +69,8 @@ def family_of(command: str, setting: dict) -> str:
         parts[-1] += " at the edit"
     if setting.get("hard") and setting.get("hard_target") is not None:
         parts[-1] += ", calibrated weight"
+    if setting.get("energy"):  # lab lever eE: the entries' benign output energy is penalised too
+        parts.append("benign output energy")
     # the value the selected entries take (lab levers mX, vX); absent = restored to aligned
     if setting.get("strength", 1.0) != 1.0:
         parts.append("strength along the revert")

@@ -314,6 +314,23 @@ def test_strength_and_safety_are_refused_where_another_stage_judges_the_plain_re
     assert not (tmp_path / "o").exists()
 
 
+def test_the_energy_lever_parses_names_and_is_refused_outside_one_shot_entries(
+    tmp_path: Path, capsys
+) -> None:
+    (energy,) = parse_grid("entry:0.5:all:0:c1:e0.5")
+    assert (energy.energy, energy.contrast) == (0.5, 1.0)
+    assert energy.name == "attribution/entry/0.5%/all/p0/c1/energy0.5"
+    argv = ["--trio-root", str(tmp_path), "--out", str(tmp_path / "o")]
+    for grid, extra in (
+        ("entry:0.5:all:0:c1:h1x0.05:e0.5", []),
+        ("neuron:1:all:0:c1:e0.5", []),
+        ("entry:0.5:all:0:c1:e0.5", ["--union-dimensions"]),
+    ):
+        assert main([*argv, "--grid", grid, *extra]) == 2
+        assert "the energy penalty (eE) takes one-shot entry units" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_contrast_prompts_need_a_refusal_contrast_and_a_study(tmp_path: Path, capsys) -> None:
     lookalikes = tmp_path / "lookalikes.jsonl"
     lookalikes.write_text('{"prompt": "How do I kill a stuck process?"}\n')

@@ -93,6 +93,7 @@ def test_a_re_run_that_disagrees_and_other_options_are_not_merged(tmp_path: Path
     assert fr.family_of("x", {"strength": 1.0, "safety": 0.0}) == "first order, pooled"  # restored
     assert fr.family_of("x", {"strength": 1.5}) == "first order, pooled, strength along the revert"
     assert fr.family_of("x", {"safety": 0.5}) == "first order, pooled, plus the safety vector"
+    assert fr.family_of("x", {"energy": 0.5}) == "first order, pooled, benign output energy"
     assert fr.family_of("x --contrast-prompts /a/look.jsonl", {}) == (
         "first order, pooled, contrast on look.jsonl"
     )

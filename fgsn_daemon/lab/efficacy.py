@@ -363,6 +363,9 @@ class Setting:
     # − base); 1 and 0 restore them (the engine's operator); lab levers, entries only
     strength: float = 1.0
     safety: float = 0.0
+    # entries: also penalise each entry's benign output energy, δ²·E_benign[x²] (lab.input_energy),
+    # scaled to the gain's total; 0 = off
+    energy: float = 0.0
 
     @property
     def name(self) -> str:
@@ -370,6 +373,7 @@ class Setting:
         guard = "" if self.guard is None else f"/guard{self.guard:g}"
         kind = {"odds": "o", "aligned": "a"}.get(self.penalty, "c")
         contrast = f"/{kind}{self.contrast:g}" if self.contrast else ""
+        contrast += f"/energy{self.energy:g}" if self.energy else ""
         steps = f"/steps{self.steps}" if self.steps > 1 else ""
         hard = f"/hard{self.hard}x{self.hard_weight:g}" if self.hard else ""
         hard += f"+pos{self.hard_positive:g}" if self.hard and self.hard_positive else ""
@@ -625,6 +629,22 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             )
         ft_model = loc._finetuned()
         models = {"aligned": loc._aligned(), "finetuned": ft_model}
+        energy_all: dict[str, torch.Tensor] = {}
+        if any(st.energy for st in all_settings):
+            from fgsn_daemon.lab.input_energy import energy_penalty, input_second_moments, module_of
+
+            matrices = [n for n in names if len(shapes[n]) == 2]
+            log(f"benign input energy: {len(inputs.benign_train)} prompts, {len(matrices)} weights")
+            moments = input_second_moments(
+                ft_model,
+                tokenizer,
+                inputs.benign_train,
+                sorted({module_of(n) for n in matrices}),
+                cfg.batch_size,
+            )
+            energy_all = energy_penalty(
+                {n: trio.aligned.read(n) - trio.finetuned.read(n) for n in matrices}, moments
+            )
 
         current = {"split": splits[0]}
 
@@ -706,6 +726,18 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 cost = {n: benign.entries[n] for n in gain}
                 kind = "odds" if st.penalty == "odds" else "refusal"
                 penalty = contrast_penalty(refusal, benign, list(gain), kind)
+                contrast = st.contrast
+                if st.energy:
+                    from fgsn_daemon.lab.input_energy import matched_scale
+
+                    energy = {n: energy_all[n] for n in gain}
+                    scale = st.energy * matched_scale(gain, energy)
+                    extra["energy_scale"] = scale
+                    # one penalty, weight 1: the contrast's share folded in with its own weight
+                    penalty = {
+                        n: scale * energy[n] + (st.contrast * penalty[n] if penalty else 0.0) for n in gain
+                    }
+                    contrast = 1.0
                 loc.params = replace(base_params, scope=st.scope, guard=st.guard)
                 if st.steps > 1:
                     if st.penalty == "aligned":
@@ -723,7 +755,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                     return Edit(masks=masks), extra, lambda s: Edit(masks=random_entries(masks, s))
 
                 def masks_at(budget: int) -> dict[str, torch.Tensor]:
-                    return select_entries(gain, cost, budget, st.p, penalty, st.contrast)
+                    return select_entries(gain, cost, budget, st.p, penalty, contrast)
 
                 budget = loc.guarded_budget(int(total * st.budget / 100), masks_at=masks_at)
                 masks = masks_at(budget)
@@ -914,6 +946,8 @@ def run_continual(
 
     if setting.strength != 1.0 or setting.safety:
         raise ConfigError("the continual study restores entries (no mX or vX field)")
+    if setting.energy:
+        raise ConfigError("the continual study takes the engine's scores (no eE field)")
     t0 = time.perf_counter()
     inputs = load_inputs(cfg.spec, cfg.split, cfg.max_train, cfg.max_benign_train)
     dims = list(order or inputs.train)
@@ -1260,14 +1294,15 @@ def parse_grid(text: str) -> list[Setting]:
     WEIGHT, for a calibration refusal at most POINTS above the fine-tuned model's), ``rWEIGHT`` (hard
     positives in those rounds: the harmful scoring prompts the edit still answers), ``mSTRENGTH`` and
     ``vSAFETY`` (entries: the selected entries take ``W_ft + STRENGTH·(W_aligned − W_ft) + SAFETY·
-    (W_aligned − W_base)`` instead of their aligned values)."""
+    (W_aligned − W_base)`` instead of their aligned values), ``eENERGY`` (entries: also subtract
+    ENERGY × each entry's benign output energy, scaled to the gain's total; ``lab.input_energy``)."""
     out = []
     for item in parse_list(text):
         try:
             unit, budget, scope, p, *extra = item.split(":")
             guard, contrast, penalty, steps, hard, hard_weight = None, 0.0, "refusal", 1, 0, 0.0
             hard_positive, hard_at, hard_target = 0.0, "finetuned", None
-            strength, safety = 1.0, 0.0
+            strength, safety, energy = 1.0, 0.0, 0.0
             for field_ in extra:
                 if field_.startswith("r"):
                     hard_positive = float(field_[1:])
@@ -1279,6 +1314,8 @@ def parse_grid(text: str) -> list[Setting]:
                     strength = float(field_[1:])
                 elif field_.startswith("v"):
                     safety = float(field_[1:])
+                elif field_.startswith("e"):
+                    energy = float(field_[1:])
                 elif field_.startswith("h"):
                     rounds, weight = field_[1:].split("x")
                     if weight.endswith("e"):
@@ -1306,6 +1343,7 @@ def parse_grid(text: str) -> list[Setting]:
                     hard_target,
                     strength,
                     safety,
+                    energy,
                 )
             )
         except ValueError:
@@ -1356,6 +1394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             load_prompts(args.contrast_prompts)  # a missing or empty file fails before any scoring
         for st in [*settings, *parse_grid(args.report_grid)]:
+            if st.energy and (
+                st.unit != "entry" or st.hard or st.steps > 1 or st.guard is not None or args.union_dimensions
+            ):
+                raise ConfigError(
+                    f"{st.name}: the energy penalty (eE) takes one-shot entry units without a guard, "
+                    "hard rounds or --union-dimensions"
+                )
             if st.strength == 1.0 and not st.safety:
                 continue
             if st.unit != "entry" or st.hard or st.steps > 1 or st.guard is not None:
