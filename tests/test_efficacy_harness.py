@@ -325,9 +325,15 @@ def test_the_energy_lever_parses_names_and_is_refused_outside_one_shot_entries(
         ("entry:0.5:all:0:c1:h1x0.05:e0.5", []),
         ("neuron:1:all:0:c1:e0.5", []),
         ("entry:0.5:all:0:c1:e0.5", ["--union-dimensions"]),
+        ("entry:0.5:all:0:c1:5:e0.5", []),
+        ("entry:0.5:all:0:c1:s2:e0.5", []),
+        ("entry:0.5:all:0:c1", ["--report-grid", "entry:0.5:all:0:c1:h1x0.05:e0.5"]),
     ):
         assert main([*argv, "--grid", grid, *extra]) == 2
         assert "the energy penalty (eE) takes one-shot entry units" in capsys.readouterr().err
+    for grid in ("entry:0.5:all:0:c1:e-1", "entry:0.5:all:0:c-1:e0.5", "entry:0.5:all:0:c1:enan"):
+        assert main([*argv, "--grid", grid]) == 2
+        assert "the energy weight must be a positive number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

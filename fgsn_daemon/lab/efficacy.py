@@ -728,15 +728,12 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
                 penalty = contrast_penalty(refusal, benign, list(gain), kind)
                 contrast = st.contrast
                 if st.energy:
-                    from fgsn_daemon.lab.input_energy import matched_scale
+                    from fgsn_daemon.lab.input_energy import folded_penalty
 
                     energy = {n: energy_all[n] for n in gain}
-                    scale = st.energy * matched_scale(gain, energy)
-                    extra["energy_scale"] = scale
-                    # one penalty, weight 1: the contrast's share folded in with its own weight
-                    penalty = {
-                        n: scale * energy[n] + (st.contrast * penalty[n] if penalty else 0.0) for n in gain
-                    }
+                    penalty, extra["energy_scale"] = folded_penalty(
+                        gain, energy, st.energy, penalty, st.contrast
+                    )
                     contrast = 1.0
                 loc.params = replace(base_params, scope=st.scope, guard=st.guard)
                 if st.steps > 1:
@@ -1394,6 +1391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             load_prompts(args.contrast_prompts)  # a missing or empty file fails before any scoring
         for st in [*settings, *parse_grid(args.report_grid)]:
+            if st.energy and not (math.isfinite(st.energy) and st.energy > 0 and st.contrast >= 0):
+                raise ConfigError(
+                    f"{st.name}: the energy weight must be a positive number, the contrast not negative"
+                )
             if st.energy and (
                 st.unit != "entry" or st.hard or st.steps > 1 or st.guard is not None or args.union_dimensions
             ):
