@@ -697,8 +697,7 @@ def run_study(cfg: StudyConfig, command: str, log: Callable[[str], None]) -> dic
             edit, extra, random_edit = selected_edit(st)
             if st.strength == 1.0 and not st.safety:
                 return edit, extra, random_edit
-            if edit.slices:
-                raise ConfigError("strength and safety (mX, vX) apply to entry units")
+            # neuron slices are refused by main() and again by restored_in_memory
 
             def valued(e: Edit) -> Edit:
                 return replace(e, strength=st.strength, safety=st.safety)

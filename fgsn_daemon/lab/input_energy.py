@@ -25,13 +25,6 @@ def module_of(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0]
 
 
-def _module(root: Any, dotted: str) -> Any:
-    m = root
-    for part in dotted.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
-
-
 def content_span(token_ids: Sequence[Sequence[int]]) -> tuple[int, int]:
     """The lengths of the prefix and suffix every tokenised prompt shares (the template's text),
     so that position ``prefix ≤ t < len − suffix`` is a prompt's own token. Needs two prompts or
@@ -80,7 +73,7 @@ def input_second_moments(
     prefix, suffix = content_span(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = input_device(model)
-    handles = [_module(model, m).register_forward_pre_hook(hook(m)) for m in modules]
+    handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
     try:
         for lo in range(0, len(ids), batch_size):
             batch = ids[lo : lo + batch_size]
